@@ -1,0 +1,69 @@
+"""pyboundary: the geometry of deep classifiers' decision boundaries in input space.
+
+Margins (batched DeepFool, L2 and L-inf, whole space or subspaces such as blocks of the 2-D DCT),
+boundary curvature, curvature-based detection of perturbed inputs, margin dynamics and region
+topology, on compiled CPU/CUDA ops.
+
+Public names are imported lazily, so ``import pyboundary`` stays fast and a missing optional
+dependency only matters for the function that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "backend": "ops",
+    "dct2": "ops",
+    "idct2": "ops",
+    "dct_block_analysis": "ops",
+    "dct_block_synthesis": "ops",
+    "deepfool_select": "ops",
+    "dct_matrix": "ops",
+    # engine
+    "deepfool": "deepfool",
+    "DeepFoolResult": "deepfool",
+    # subspaces
+    "Subspace": "subspaces",
+    "DCTDiagonal": "subspaces",
+    "DCTGrid": "subspaces",
+    "RandomSubspaces": "subspaces",
+    "UserBasis": "subspaces",
+    "Directions": "subspaces",
+    "FullSpace": "subspaces",
+    "parse_subspaces": "subspaces",
+    # margin scans
+    "margin_scan": "margins",
+    "MarginScan": "margins",
+    "dct_flip": "transforms",
+    "dct_lowpass": "transforms",
+    # curvature and detection
+    "principal_curvatures": "curvature",
+    "mean_curvature": "curvature",
+    "shared_curved_directions": "curvature",
+    "relative_curvature": "curvature",
+    "CurvatureDetector": "detection",
+    # dynamics and topology
+    "MarginTracker": "tracking",
+    "pgd": "adversarial",
+    "find_path": "topology",
+    "convex_combination_probability": "topology",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyboundary' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads modest so parallel test workers do not oversubscribe.
+torch.set_num_threads(int(os.environ.get("PYBOUNDARY_TEST_THREADS", "2")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test, excluded from the default run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
