@@ -51,6 +51,10 @@ _EXPORTS = {
     "pgd": "adversarial",
     "find_path": "topology",
     "convex_combination_probability": "topology",
+    "random_direction_robustness": "topology",
+    "pgd_batch_transform": "adversarial",
+    "band_energy": "adversarial",
+    "learn_mask": "masks",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,679 @@
+"""Batched multi-class DeepFool: minimal L2 / L-inf perturbations, in the whole space or in subspaces.
+
+Algorithm (per chunk of ``batch_size`` samples, all samples of a chunk in one batch):
+
+1. One forward pass at the clean inputs gives the reference class (the prediction, or ``labels``)
+   and the candidate classes: the top-``candidates`` classes of the clean logits, the reference
+   included (as in the original method and foolbox), fixed for the run. With ``target`` the only
+   candidate is the target and the reference is the current runner-up at each iterate.
+2. Per iteration, over the *active* samples only (converged ones leave the batch): one forward
+   pass at x0 + (1 + overshoot) * synthesis(r), the candidate gap gradients (see ``grad_strategy``),
+   their coordinates in the subspace (``analysis``, the adjoint of ``synthesis``), then
+   :func:`pyboundary.ops.deepfool_select` picks the closest linearised boundary and the step,
+   which is added to the coordinates r. The overshoot scales the accumulated perturbation; it is
+   not compounded per step.
+3. Refinement (``refine=True``): along the final perturbation delta, the boundary crossing
+   t* in (0, 1] of s(x0 + t delta) (s > 0 iff adversarial) is bracketed by safeguarded secant
+   steps, each evaluating two points t_est -/+ tol*hi/4 in one forward pass, with bisection when a
+   round does not halve the bracket, until (hi - lo) <= tol * hi. The reported perturbation is
+   hi * delta (still adversarial), the margin its norm; the DeepFool norm is kept as raw_margin.
+4. Failures (``max_iter`` steps without a label change) get ``converged=False`` and margin inf.
+   ``noise_retries`` restarts them from a seeded Gaussian start in the subspace.
+
+Subspaces: the engine works in the subspace's coordinates (``Subspace.analysis/synthesis``), so the
+perturbation has no component outside the member. For families whose coordinates are the
+projected vector itself (:class:`pyboundary.subspaces.Directions` complement members, "projection
+coordinates"), the same code applies unchanged for p = 2: the coordinate gradient is the projected
+gradient, every step is a multiple of it and stays in the member, and the coordinate norm equals
+the input-space norm. p = inf is rejected for such members. For p = inf in a subspace with a
+basis the norm is the L-inf norm of the *coordinates* (for the whole space: of the pixels).
+
+Cost model (reported in :class:`DeepFoolResult`): ``n_forward`` batched forward passes and
+``n_backward`` reverse passes (a batched reverse pass over several candidates counts as one);
+``trace`` lists per forward pass (rows, gradient rows per sample) so benchmarks can replay the
+same work as plain passes. Candidate pruning (``prune=True``): after the first gradient round of an
+attempt, the gradient norms of each candidate are remembered; a candidate whose estimated distance
+|gap_now| / ||g_last||_q exceeds ``PRUNE_FACTOR`` times the best estimate gets no gradient.
+``prune='audit'`` computes all gradients anyway, steps with the pruned choice and counts how often
+it differs from the full choice (``prune_choices``, ``prune_mismatch``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .stats import summarize
+from .subspaces import Subspace
+from .utils import check_finite, check_logits, is_inf, make_generator, model_guard
+
+__all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
+
+#: Default refinement tolerance, relative to the margin: (hi - lo) <= tol * hi on the ray.
+DEFAULT_TOL = 1e-4
+#: Pruning keeps candidates whose estimated distance is <= PRUNE_FACTOR x the best estimate.
+PRUNE_FACTOR = 2.0
+#: Measured default of grad_strategy='auto' per device type (see benchmarks/README.md).
+DEFAULT_GRAD_STRATEGY = {"cpu": "loop", "cuda": "batched"}
+#: Standard deviation of the noise_retries start, relative to the RMS of each input.
+DEFAULT_NOISE_SCALE = 1e-2
+_MAX_REFINE_ROUNDS = 60
+#: Refinement treats scores within this many ulps of the largest |logit| as "not adversarial".
+_NOISE_ULPS = 64
+
+
+@dataclass
+class DeepFoolResult:
+    """Result of :func:`deepfool`; tensors on the input's device, N = number of inputs.
+
+    Attributes:
+        perturbation: (N, ...) like x; x + perturbation is adversarial for converged samples
+            (the refined point when refine=True), zeros for failures and misclassified samples.
+        margin: (N,) norm of the perturbation (L2, or L-inf for p = inf; in a subspace the norm
+            of its coordinates), in input units; +inf when not converged, 0 when misclassified.
+        raw_margin: (N,) norm of the unrefined DeepFool perturbation (overshoot included).
+        iterations: (N,) int64 DeepFool steps until the label changed (of the last attempt).
+        converged: (N,) bool.
+        orig_label: (N,) int64 reference class (prediction, or the given label).
+        adv_label: (N,) int64 class at x + perturbation.
+        retries: (N,) int64 noise restarts used.
+        misclassified: (N,) bool, given labels that the model already gets wrong (margin 0).
+        n_forward, n_backward: batched forward / reverse passes of the call.
+        sample_forward: (N,) int64 forward evaluations each sample took part in.
+        sample_gradients: (N,) int64 candidate gradients computed for each sample.
+        trace: per forward pass, (rows, gradient rows per sample); for cost replays.
+        prune_choices, prune_mismatch: with prune='audit', number of (sample, iteration) choices
+            and how many of them differ between the pruned and the full candidate set.
+        p: the norm used (2.0 or inf).
+    """
+
+    perturbation: Tensor
+    margin: Tensor
+    raw_margin: Tensor
+    iterations: Tensor
+    converged: Tensor
+    orig_label: Tensor
+    adv_label: Tensor
+    retries: Tensor
+    misclassified: Tensor
+    n_forward: int = 0
+    n_backward: int = 0
+    sample_forward: Tensor | None = None
+    sample_gradients: Tensor | None = None
+    trace: list = field(default_factory=list, repr=False)
+    prune_choices: int = 0
+    prune_mismatch: int = 0
+    p: float = 2.0
+
+    def to_numpy(self) -> dict:
+        """All tensor fields as numpy arrays (others unchanged)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.detach().cpu().numpy() if isinstance(v, Tensor) else v
+        return out
+
+    def summary(self, file=sys.stdout) -> str:
+        """Print (to ``file``; None prints nothing) and return a small table of the run."""
+        s = summarize(self.margin.cpu().numpy(), self.converged.cpu().numpy())
+        n = int(self.margin.numel())
+        norm = "Linf" if math.isinf(self.p) else "L2"
+        it = self.iterations[self.converged].double()
+        lines = [
+            f"DeepFool ({norm}): {n} inputs, {s['n_converged']} converged, {s['n_failed']} failed, "
+            f"{int(self.misclassified.sum())} misclassified, {int((self.retries > 0).sum())} retried",
+            f"  margin  median {s['median']:.4g}  p5 {s['p5']:.4g}  p95 {s['p95']:.4g}  "
+            f"mean {s['mean']:.4g}  se {s['se']:.3g}",
+            f"  iterations mean {float(it.mean()) if it.numel() else float('nan'):.3g}  "
+            f"passes: {self.n_forward} forward, {self.n_backward} backward",
+        ]
+        if self.prune_choices:
+            lines.append(f"  pruning audit: {self.prune_mismatch}/{self.prune_choices} choices differ")
+        text = "\n".join(lines)
+        if file is not None:
+            print(text, file=file)
+        return text
+
+
+class _Flat:
+    """Whole-space coordinates for any input shape: analysis = flatten, synthesis = reshape."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.dim = int(math.prod(self.shape))
+
+    def _analysis(self, x, idx):
+        return x.reshape(x.shape[0], -1)
+
+    def _synthesis(self, c, idx):
+        return c.reshape((c.shape[0],) + self.shape)
+
+
+@dataclass
+class _Ctx:
+    model: Callable
+    p: float
+    space: object
+    overshoot: float
+    max_iter: int
+    refine: bool
+    tol: float
+    clamp: tuple | None
+    strategy: str
+    prune: object
+    n_cand: int
+    noise_retries: int
+    noise_scale: float
+    gen: torch.Generator | None
+    n_forward: int = 0
+    n_backward: int = 0
+    prune_choices: int = 0
+    prune_mismatch: int = 0
+    trace: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_int(name, value, lo, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def _check_index_tensor(name, t, n, device):
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(t.shape)}")
+    return t.to(device)
+
+
+def _check_p(p) -> float:
+    try:
+        if is_inf(p):
+            return math.inf
+        val = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"p must be 2 or inf, got {p!r}") from None
+    if val != 2.0:
+        raise ValueError(f"p must be 2 or inf, got {p!r}")
+    return 2.0
+
+
+def _check_clamp(clamp):
+    if clamp is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be None or a pair (lo, hi), got {clamp!r}") from None
+    if not lo < hi:
+        raise ValueError(f"clamp must satisfy lo < hi, got {clamp!r}")
+    return lo, hi
+
+
+def _resolve_strategy(strategy: str, device) -> str:
+    if strategy not in ("auto", "loop", "batched"):
+        raise ValueError(f"grad_strategy must be 'auto', 'loop' or 'batched', got {strategy!r}")
+    if strategy == "auto":
+        return DEFAULT_GRAD_STRATEGY.get(torch.device(device).type, "loop")
+    return strategy
+
+
+def _resolve_space(subspace, subspace_index, x, p):
+    n = x.shape[0]
+    if subspace is None:
+        if subspace_index is not None:
+            raise ValueError("subspace_index was given but subspace is None")
+        return _Flat(x.shape[1:]), torch.zeros(n, dtype=torch.int64, device=x.device)
+    if not isinstance(subspace, Subspace):
+        raise TypeError(f"subspace must be a pyboundary Subspace or None, got {type(subspace).__name__}")
+    if tuple(x.shape[1:]) != subspace.image_shape:
+        raise ValueError(
+            f"x has per-sample shape {tuple(x.shape[1:])} but the subspace {subspace.spec_or_name()} "
+            f"expects {subspace.image_shape}"
+        )
+    if subspace_index is not None:
+        _check_index_tensor("subspace_index", subspace_index, n, x.device)
+    idx = subspace._check_idx(subspace_index, n, x.device)
+    subspace.check_p(p, idx)
+    return subspace, idx
+
+
+# ----------------------------------------------------------------------------------------------
+# the search
+
+
+def _forward(ctx: _Ctx, xa: Tensor, grad_rows: int = 0) -> Tensor:
+    logits = ctx.model(xa)
+    check_logits(logits, xa.shape[0])
+    ctx.n_forward += 1
+    ctx.trace.append((int(xa.shape[0]), int(grad_rows)))
+    return logits
+
+
+def _score(logits: Tensor, ref: Tensor, target: Tensor | None) -> Tensor:
+    """s > 0 iff adversarial: max_{c != ref} f_c - f_ref, or f_t - max_{c != t} f_c (targeted)."""
+    cls = ref if target is None else target
+    own = logits.gather(1, cls.unsqueeze(1)).squeeze(1)
+    other = logits.scatter(1, cls.unsqueeze(1), -math.inf).max(1).values
+    return other - own if target is None else own - other
+
+
+def _point(ctx: _Ctx, x0: Tensor, delta: Tensor) -> Tensor:
+    xa = x0 + delta
+    if ctx.clamp is not None:
+        xa = xa.clamp(ctx.clamp[0], ctx.clamp[1])
+    return xa
+
+
+def _gradients(ctx: _Ctx, xa: Tensor, gap: Tensor, mask: Tensor | None) -> Tensor:
+    """d gap[:, j] / d xa for all slots j -> (J, rows, ...) (masked slots get zero gradient)."""
+    J = gap.shape[1]
+    if mask is not None:
+        gap = gap * mask.to(gap.dtype)
+    if ctx.strategy == "batched" and J > 1:
+        eye = torch.eye(J, dtype=gap.dtype, device=gap.device)
+        go = eye.unsqueeze(1).expand(J, gap.shape[0], J)
+        try:
+            (g,) = torch.autograd.grad(gap, xa, grad_outputs=go, is_grads_batched=True)
+            ctx.n_backward += 1
+            return g
+        except RuntimeError:
+            ctx.strategy = "loop"  # the model does not support vmap over backward
+    grads = []
+    for j in range(J):
+        (g,) = torch.autograd.grad(gap[:, j].sum(), xa, retain_graph=j < J - 1)
+        grads.append(g)
+        ctx.n_backward += 1
+    return torch.stack(grads)
+
+
+def _dual_norm(g: Tensor, p: float) -> Tensor:
+    return g.abs().sum(-1) if math.isinf(p) else g.norm(dim=-1)
+
+
+class _Chunk:
+    """State of one chunk of samples: fixed references, per-sample outputs, pruning memory."""
+
+    def __init__(self, ctx: _Ctx, x0, idx, labels, target):
+        n = x0.shape[0]
+        dev, dt = x0.device, x0.dtype
+        self.x0, self.idx, self.labels, self.target = x0, idx, labels, target
+        self.r = x0.new_zeros(n, ctx.space.dim)
+        self.ref = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.cand = None  # (n, J) candidate classes
+        self.gnorm = None  # (n, J) last gradient dual norms, for pruning
+        self.done = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.conv = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.mis = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.iters = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.adv = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.retries = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.s_clean = torch.zeros(n, dtype=dt, device=dev)
+        self.s_flip = torch.zeros(n, dtype=dt, device=dev)
+        self.fwd = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.ngrad = torch.zeros(n, dtype=torch.int64, device=dev)
+
+
+def _init_refs(ctx: _Ctx, ch: _Chunk, a: Tensor, logits: Tensor) -> None:
+    """From the clean logits of rows a: reference class, candidates, misclassification."""
+    L = logits.shape[1]
+    pred = logits.argmax(1)
+    if ch.labels is not None:
+        lab = ch.labels[a]
+        if int(lab.min()) < 0 or int(lab.max()) >= L:
+            raise ValueError(f"labels must lie in [0, {L - 1}] for a model with {L} classes, "
+                             f"got range [{int(lab.min())}, {int(lab.max())}]")
+        ch.ref[a] = lab
+        ch.mis[a] = pred != lab
+    else:
+        ch.ref[a] = pred
+    if ch.target is not None:
+        tgt = ch.target[a]
+        if int(tgt.min()) < 0 or int(tgt.max()) >= L:
+            raise ValueError(f"target must lie in [0, {L - 1}], got range [{int(tgt.min())}, {int(tgt.max())}]")
+        same = tgt == ch.ref[a]
+        if bool(same.any()):
+            bad = int(a[same][0])
+            raise ValueError(f"target equals the current class for {int(same.sum())} input(s) "
+                             f"(e.g. input {bad}: class {int(tgt[same][0])}); nothing to search")
+        ch.cand = ch.target.unsqueeze(1).clone() if ch.cand is None else ch.cand
+        return
+    k = min(ctx.n_cand, L)
+    if ch.cand is None:
+        ch.cand = torch.zeros(ch.x0.shape[0], k - 1, dtype=torch.int64, device=ch.x0.device)
+    top = logits.detach().topk(k, dim=1).indices
+    # the reference class is top-1 for every sample that is searched; drop it
+    not_ref = top != ch.ref[a].unsqueeze(1)
+    order = torch.argsort((~not_ref).to(torch.int8), dim=1, stable=True)
+    ch.cand[a] = top.gather(1, order)[:, : k - 1]
+
+
+def _select_slots(ctx: _Ctx, ch: _Chunk, a: Tensor, gap_all: Tensor, first: bool):
+    """Candidate slots to differentiate: (slot positions (n, J'), mask (n, J') or None, keep (n, J))."""
+    J = gap_all.shape[1]
+    if not ctx.prune or first or J == 1 or ch.gnorm is None:
+        return None, None, None
+    est = torch.nan_to_num(gap_all.abs() / ch.gnorm[a], nan=math.inf)
+    best = est.min(1, keepdim=True).values
+    keep = est <= PRUNE_FACTOR * best
+    keep |= est == best
+    if ctx.prune == "audit":
+        return None, None, keep
+    n_keep = int(keep.sum(1).max())
+    if n_keep >= J:
+        return None, None, keep
+    order = torch.argsort(est.masked_fill(~keep, math.inf), dim=1)[:, :n_keep]
+    return order, keep.gather(1, order), keep
+
+
+def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
+    """Run DeepFool iterations for rows a of the chunk (their r already initialised)."""
+    scale = 1.0 + ctx.overshoot
+    space, p = ctx.space, ctx.p
+    for it in range(ctx.max_iter + 1):
+        if a.numel() == 0:
+            return
+        with torch.no_grad():
+            delta = scale * space._synthesis(ch.r[a], ch.idx[a])
+            xa = _point(ctx, ch.x0[a], delta)
+        xa.requires_grad_(True)
+        logits = _forward(ctx, xa)
+        ch.fwd[a] += 1
+        lg = logits.detach()
+        if it == 0 and first_attempt:
+            _init_refs(ctx, ch, a, lg)
+            ch.s_clean[a] = _score(lg, ch.ref[a], None if ch.target is None else ch.target[a])
+            mis = ch.mis[a]
+            if bool(mis.any()):
+                ch.done[a[mis]] = True
+                ch.conv[a[mis]] = True
+                ch.adv[a[mis]] = lg.argmax(1)[mis]
+        pred = lg.argmax(1)
+        tgt = None if ch.target is None else ch.target[a]
+        flipped = (pred != ch.ref[a]) if tgt is None else (pred == tgt)
+        flipped &= ~ch.done[a]
+        if bool(flipped.any()):
+            f = a[flipped]
+            ch.done[f] = True
+            ch.conv[f] = True
+            ch.iters[f] = it
+            ch.adv[f] = pred[flipped]
+            ch.s_flip[f] = _score(lg[flipped], ch.ref[f], None if tgt is None else tgt[flipped])
+        rows = (~ch.done[a]).nonzero().squeeze(1)
+        if it == ctx.max_iter or rows.numel() == 0:
+            ch.iters[a[rows]] = ctx.max_iter
+            return
+        ar = a[rows]
+        lr = logits[rows]
+        if ch.target is None:
+            ref_now = ch.ref[ar]
+        else:
+            ref_now = lg[rows].scatter(1, ch.target[ar].unsqueeze(1), -math.inf).argmax(1)
+        f_ref = lr.gather(1, ref_now.unsqueeze(1))
+        gap_all = lr.gather(1, ch.cand[ar]) - f_ref  # (n, J), <= 0
+        slots, mask, keep = _select_slots(ctx, ch, ar, gap_all.detach(), first=it == 0)
+        gap = gap_all if slots is None else gap_all.gather(1, slots)
+        ctx.trace[-1] = (ctx.trace[-1][0], gap.shape[1])
+        g = _gradients(ctx, xa, gap, mask)  # (J', rows_all, ...)
+        g = g[:, rows].transpose(0, 1)  # (n, J', ...)
+        n, Jp = g.shape[:2]
+        with torch.no_grad():
+            gc = space._analysis(g.reshape((n * Jp,) + g.shape[2:]), ch.idx[ar].repeat_interleave(Jp))
+            gc = gc.reshape(n, Jp, -1)
+            ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
+            norms = _dual_norm(gc, p)
+            if ch.gnorm is None:
+                ch.gnorm = torch.full(ch.cand.shape, math.inf, dtype=gc.dtype, device=gc.device)
+            if slots is None:
+                ch.gnorm[ar] = norms
+            else:
+                upd = ch.gnorm[ar].scatter(1, slots, norms)
+                ch.gnorm[ar] = torch.where(
+                    torch.zeros_like(upd, dtype=torch.bool).scatter(1, slots, mask), upd, ch.gnorm[ar]
+                )
+            gd = gap.detach()
+            if keep is not None and ctx.prune == "audit":
+                _, full_idx, _ = ops.deepfool_select(gd, gc, p)
+                gc = gc * keep.unsqueeze(2).to(gc.dtype)
+                step, idx_p, _ = ops.deepfool_select(gd, gc, p)
+                ctx.prune_choices += n
+                ctx.prune_mismatch += int((idx_p != full_idx).sum())
+            else:
+                step, _, _ = ops.deepfool_select(gd, gc, p)
+            ch.r[ar] += step
+        a = ar
+
+
+def _refine(ctx: _Ctx, ch: _Chunk, a: Tensor, delta: Tensor) -> Tensor:
+    """Boundary crossing along delta for rows a: returns hi (n,) with x0 + hi*delta adversarial."""
+    n = a.numel()
+    dt = ch.x0.dtype
+    lo = torch.zeros(n, dtype=dt, device=delta.device)
+    hi = torch.ones(n, dtype=dt, device=delta.device)
+    s_lo = ch.s_clean[a].clone()
+    s_hi = ch.s_flip[a].clone()
+    adv = ch.adv[a].clone()
+    secant = torch.ones(n, dtype=torch.bool, device=delta.device)
+    act = torch.arange(n, device=delta.device)
+    view = (-1,) + (1,) * (delta.dim() - 1)
+    tgt_all = None if ch.target is None else ch.target[a]
+    for _ in range(_MAX_REFINE_ROUNDS):
+        width = hi[act] - lo[act]
+        open_ = width > ctx.tol * hi[act]
+        act = act[open_]
+        if act.numel() == 0:
+            break
+        l, h, sl, sh = lo[act], hi[act], s_lo[act], s_hi[act]
+        w = h - l
+        frac = (-sl / (sh - sl).clamp_min(torch.finfo(dt).tiny)).clamp(0.0, 1.0)
+        t_est = torch.where(secant[act], l + frac * w, l + 0.5 * w)
+        e = ctx.tol * h / 4
+        ta = torch.maximum(t_est - e, l)
+        tb = torch.minimum(t_est + e, h)
+        ts = torch.cat([ta, tb])
+        rows = torch.cat([a[act], a[act]])
+        d2 = torch.cat([delta[act], delta[act]]) * ts.reshape(view)
+        logits = _forward(ctx, _point(ctx, ch.x0[rows], d2))
+        ch.fwd[a[act]] += 1
+        tg = None if tgt_all is None else tgt_all[act].repeat(2)
+        # a point counts as adversarial only if its score beats float noise of the logits, so the
+        # reported point stays adversarial when re-evaluated in another batch composition
+        noise = _NOISE_ULPS * torch.finfo(logits.dtype).eps * logits.abs().amax(1)
+        s = _score(logits, ch.ref[rows], tg) - noise
+        pred = logits.argmax(1)
+        m = act.numel()
+        sa, sb, pa, pb = s[:m], s[m:], pred[:m], pred[m:]
+        a_out, b_out = sa > 0, (sa <= 0) & (sb > 0)
+        new_lo = torch.where(a_out, l, torch.where(b_out, ta, tb))
+        new_slo = torch.where(a_out, sl, torch.where(b_out, sa, sb))
+        new_hi = torch.where(a_out, ta, torch.where(b_out, tb, h))
+        new_shi = torch.where(a_out, sa, torch.where(b_out, sb, sh))
+        adv[act] = torch.where(a_out, pa, torch.where(b_out, pb, adv[act]))
+        secant[act] = (new_hi - new_lo) <= 0.5 * w
+        lo[act], hi[act], s_lo[act], s_hi[act] = new_lo, new_hi, new_slo, new_shi
+    ch.adv[a] = adv
+    return hi
+
+
+def _norm(v: Tensor, p: float) -> Tensor:
+    flat = v.reshape(v.shape[0], -1)
+    return flat.abs().amax(1) if math.isinf(p) else flat.norm(dim=1)
+
+
+def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
+    ch = _Chunk(ctx, x0, idx, labels, target)
+    n = x0.shape[0]
+    all_rows = torch.arange(n, device=x0.device)
+    _iterate(ctx, ch, all_rows, first_attempt=True)
+    for _ in range(ctx.noise_retries):
+        failed = (~ch.done).nonzero().squeeze(1)
+        if failed.numel() == 0:
+            break
+        xf = x0[failed]
+        rms = xf.reshape(failed.numel(), -1).pow(2).mean(1).sqrt().clamp_min(1e-3)
+        noise = torch.randn(xf.shape, generator=ctx.gen, dtype=x0.dtype, device=x0.device)
+        noise = noise * (ctx.noise_scale * rms).reshape((-1,) + (1,) * (xf.dim() - 1))
+        with torch.no_grad():
+            ch.r[failed] = ctx.space._analysis(noise, idx[failed]) / (1.0 + ctx.overshoot)
+        ch.retries[failed] += 1
+        ch.gnorm = None if ch.gnorm is None else ch.gnorm.index_fill(0, failed, math.inf)
+        _iterate(ctx, ch, failed, first_attempt=False)
+    scale = 1.0 + ctx.overshoot
+    with torch.no_grad():
+        ok = ch.conv & ~ch.mis
+        coords = torch.where(ok.unsqueeze(1), ch.r * scale, torch.zeros_like(ch.r))
+        delta = ctx.space._synthesis(coords, idx)
+        if ctx.clamp is None:
+            raw_pert, raw = delta, _norm(coords, ctx.p)
+        else:
+            raw_pert = _point(ctx, x0, delta) - x0
+            raw = _norm(raw_pert, ctx.p)
+        pert, margin = raw_pert, raw.clone()
+        rows = (ok & (ch.iters > 0) | ok & (ch.retries > 0)).nonzero().squeeze(1)
+        if ctx.refine and rows.numel():
+            hi = _refine(ctx, ch, rows, delta[rows])
+            view = (-1,) + (1,) * (x0.dim() - 1)
+            if ctx.clamp is None:
+                pert = pert.index_copy(0, rows, delta[rows] * hi.reshape(view))
+                margin = margin.index_copy(0, rows, raw[rows] * hi)
+            else:
+                p_rows = _point(ctx, x0[rows], delta[rows] * hi.reshape(view)) - x0[rows]
+                pert = pert.index_copy(0, rows, p_rows)
+                margin = margin.index_copy(0, rows, _norm(p_rows, ctx.p))
+        inf = torch.full_like(margin, math.inf)
+        margin = torch.where(ch.conv, margin, inf)
+        raw = torch.where(ch.conv, raw, inf)
+    adv = torch.where(ch.conv, ch.adv, ch.ref)
+    return dict(perturbation=pert, margin=margin, raw_margin=raw, iterations=ch.iters,
+                converged=ch.conv, orig_label=ch.ref, adv_label=adv, retries=ch.retries,
+                misclassified=ch.mis, sample_forward=ch.fwd, sample_gradients=ch.ngrad)
+
+
+def deepfool(
+    model: Callable,
+    x: Tensor,
+    *,
+    labels: Tensor | None = None,
+    p=2,
+    subspace: Subspace | None = None,
+    subspace_index: Tensor | None = None,
+    candidates: int = 10,
+    overshoot: float = 0.02,
+    max_iter: int = 50,
+    refine: bool = True,
+    tol: float | None = None,
+    clamp: tuple | None = None,
+    batch_size: int | None = None,
+    noise_retries: int = 0,
+    seed: int | None = None,
+    target: Tensor | None = None,
+    grad_strategy: str = "auto",
+    prune=True,
+    noise_scale: float = DEFAULT_NOISE_SCALE,
+) -> DeepFoolResult:
+    """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
+
+    Args:
+        model: callable (N, ...) -> (N, L) logits. Left as found (mode, requires_grad, .grad).
+        x: (N, ...) float32/float64 inputs, finite. Not modified.
+        labels: optional (N,) int64 reference classes; samples the model already gets wrong get
+            margin 0 and ``misclassified=True``. Default: the model's predictions.
+        p: 2 or inf (also 'inf'/'linf').
+        subspace: a :class:`pyboundary.subspaces.Subspace` (x of shape (N, *image_shape));
+            None = the whole space.
+        subspace_index: (N,) int64 member of the family per sample (needed unless it has one member).
+        candidates: number of top classes of the clean logits considered, the reference included
+            (>= 2; all classes if the model has fewer).
+        overshoot: the accumulated perturbation is scaled by (1 + overshoot).
+        max_iter: DeepFool steps before a sample is declared failed (margin inf).
+        refine: bracket the boundary along the final perturbation (see module docstring).
+        tol: refinement tolerance relative to the margin (default :data:`DEFAULT_TOL` = 1e-4).
+        clamp: optional (lo, hi) box for the adversarial point (whole space only).
+        batch_size: process at most this many samples at once (memory bound); None = all.
+        noise_retries: restarts of failed samples from x + seeded Gaussian noise of standard
+            deviation ``noise_scale`` x RMS(x) (projected on the subspace).
+        seed: seed of the retry noise.
+        target: optional (N,) int64 target classes: the smallest perturbation making the model
+            predict them (targeted DeepFool); ValueError if a target is the current class.
+        grad_strategy: 'loop' (one reverse pass per candidate over the retained graph),
+            'batched' (one vmapped reverse pass) or 'auto' (:data:`DEFAULT_GRAD_STRATEGY` per device).
+        prune: skip the gradients of candidates that cannot win (True), compute all (False), or
+            'audit' (compute all, step with the pruned choice, count differences).
+        noise_scale: relative standard deviation of the retry noise.
+    Returns:
+        :class:`DeepFoolResult`.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, ...) with a batch dimension, got {tuple(x.shape)}")
+    check_finite("x", x)
+    p = _check_p(p)
+    n = x.shape[0]
+    labels = _check_index_tensor("labels", labels, n, x.device)
+    target = _check_index_tensor("target", target, n, x.device)
+    candidates = _check_int("candidates", candidates, 1)
+    if candidates < 2:
+        raise ValueError(f"candidates must be >= 2 (the reference class and at least one other), got {candidates}")
+    max_iter = _check_int("max_iter", max_iter, 1)
+    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True)
+    noise_retries = _check_int("noise_retries", noise_retries, 0)
+    if not (isinstance(overshoot, (int, float)) and 0 <= overshoot < 10):
+        raise ValueError(f"overshoot must be a number in [0, 10), got {overshoot!r}")
+    tol = DEFAULT_TOL if tol is None else tol
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    if not (isinstance(noise_scale, (int, float)) and noise_scale > 0):
+        raise ValueError(f"noise_scale must be > 0, got {noise_scale!r}")
+    if prune not in (True, False, "audit"):
+        raise ValueError(f"prune must be True, False or 'audit', got {prune!r}")
+    clamp = _check_clamp(clamp)
+    space, idx = _resolve_space(subspace, subspace_index, x, p)
+    if clamp is not None and not isinstance(space, _Flat) and space.name != "full":
+        raise ValueError("clamp is only supported in the whole space (a clamped perturbation "
+                         f"would leave the subspace {space.spec_or_name()})")
+    strategy = _resolve_strategy(grad_strategy, x.device)
+    ctx = _Ctx(model=model, p=p, space=space, overshoot=float(overshoot), max_iter=max_iter,
+               refine=bool(refine), tol=float(tol), clamp=clamp, strategy=strategy, prune=prune,
+               n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
+               gen=make_generator(seed, x.device))
+    x = x.detach()
+    bs = n if batch_size is None else batch_size
+    parts = []
+    with model_guard(model), torch.enable_grad():
+        for s in range(0, n, max(bs, 1)):
+            e = min(n, s + bs)
+            parts.append(_run_chunk(ctx, x[s:e], idx[s:e], None if labels is None else labels[s:e],
+                                    None if target is None else target[s:e]))
+    if parts:
+        out = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
+    else:
+        z = torch.zeros(0, dtype=torch.int64, device=x.device)
+        f = torch.zeros(0, dtype=x.dtype, device=x.device)
+        out = dict(perturbation=torch.zeros_like(x), margin=f, raw_margin=f, iterations=z,
+                   converged=z.bool(), orig_label=z, adv_label=z, retries=z, misclassified=z.bool(),
+                   sample_forward=z, sample_gradients=z)
+    return DeepFoolResult(**out, n_forward=ctx.n_forward, n_backward=ctx.n_backward, trace=ctx.trace,
+                          prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p)

@@ -1,0 +1,155 @@
+"""Margin scans over several processes (``torchrun --nproc_per_node=N -m pyboundary scan ...``).
+
+Samples are sharded round-robin across ranks (sample i goes to rank i % world). Each rank scans
+its shard into its own part store ``<final>.part<rank>-of-<world>`` (crash-safe like any store);
+then rank 0 merges the parts into the final store, in one transaction per part, and removes them.
+The pairs and their values are those of a single-process scan (each pair is computed by the same
+engine; only the batch composition differs, which can move float32 margins by rounding, ~1e-7
+relative).
+
+Resume: rank 0 validates the final store first (same refusal rules as a single-process scan);
+each rank seeds its part with the pairs already in the final store and resumes its part, so
+neither a merged nor a part-only pair is recomputed.
+
+Process groups: gloo on CPU, nccl on CUDA (each rank on ``cuda:<LOCAL_RANK>``). Errors on any
+rank are gathered and raised on every rank, so no rank waits forever on a failed peer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .store import ResultStore, remove_store
+
+__all__ = ["world_from_env", "part_path", "distributed_scan", "DistributedScanError"]
+
+
+class DistributedScanError(RuntimeError):
+    """A rank failed; the message holds every failing rank's error."""
+
+
+def world_from_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun's environment, or None outside torchrun / world 1."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        return None
+    return (rank, world, local) if world > 1 else None
+
+
+def part_path(final, rank: int, world: int) -> Path:
+    """Path of rank ``rank``'s part store next to the final store."""
+    final = Path(final)
+    return final.with_name(f"{final.name}.part{rank}-of-{world}")
+
+
+def _init_group(device: str, init_method: str | None, rank: int | None, world: int | None):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    kwargs = {}
+    if init_method is not None:
+        kwargs = {"init_method": init_method, "rank": rank, "world_size": world}
+    dist.init_process_group(backend=backend, **kwargs)
+    return True
+
+
+def _gather_status(error: BaseException | None) -> None:
+    """All ranks exchange their status; raise DistributedScanError on every rank if any failed."""
+    import torch.distributed as dist
+
+    statuses = [None] * dist.get_world_size()
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(statuses, mine)
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        msg = "; ".join(f"rank {r}: {s}" for r, s in failed)
+        if error is not None and len(failed) == 1 and isinstance(error, (ValueError, TypeError)):
+            raise error
+        raise DistributedScanError(msg) from error
+
+
+def distributed_scan(model, data, subspaces, *, store, resume: bool = False, device=None,
+                     init_method: str | None = None, rank: int | None = None, world: int | None = None,
+                     progress: bool = True, **scan_kwargs):
+    """One rank's share of a multi-process :func:`~pyboundary.margins.margin_scan`.
+
+    Call it on every rank with identical arguments (the same model weights and data: the stored
+    metadata must agree). The process group is taken from torchrun's environment (or
+    ``init_method``/``rank``/``world`` for tests, e.g. ``file:///tmp/x``) unless one is already
+    initialised; a group this function created is destroyed at the end.
+
+    Args:
+        store: path of the final result store (required).
+        resume: continue an interrupted scan (final store and parts).
+        device: engine device; for CUDA use ``cuda:<local rank>``.
+        **scan_kwargs: the other arguments of margin_scan (p, labels, batch_size, limit, model_name,
+            engine options).
+    Returns:
+        the complete MarginScan on rank 0, None on the other ranks.
+    """
+    import torch.distributed as dist
+
+    from .margins import margin_scan, prepare_scan, scan_from_store
+
+    if store is None:
+        raise ValueError("distributed_scan needs store= (the final result store path)")
+    dev = device if device is not None else "cpu"
+    created = _init_group(str(dev), init_method, rank, world)
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        final = Path(store)
+        part = part_path(final, rank, world)
+        error = None
+        try:
+            if rank == 0:  # validate (and create) the final store before anyone computes
+                prep_kwargs = {k: v for k, v in scan_kwargs.items() if k not in ("batch_size",)}
+                meta = prepare_scan(model, data, subspaces, **prep_kwargs)[-1]
+                ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+        _gather_status(error)
+        try:
+            if not resume:
+                remove_store(part)  # a stale part of an unrelated earlier run
+            _seed_part(model, data, subspaces, final, part, scan_kwargs)
+            margin_scan(model, data, subspaces, store=part, resume=True, device=device,
+                        progress=progress and rank == 0, shard=(rank, world), **scan_kwargs)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        _gather_status(error)
+        result = None
+        if rank == 0:
+            with ResultStore(final, mode="resume", meta=_meta_of(part)) as st:
+                for r in range(world):
+                    st.merge_from(part_path(final, r, world))
+                result = scan_from_store(st)
+        dist.barrier()
+        remove_store(part)
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _meta_of(path) -> dict:
+    with ResultStore(path, mode="read") as st:
+        return st.meta
+
+
+def _seed_part(model, data, subspaces, final: Path, part: Path, scan_kwargs) -> None:
+    """Create/validate the part store and copy into it the pairs already merged into the final store."""
+    from .margins import prepare_scan
+
+    prep_kwargs = {k: v for k, v in scan_kwargs.items() if k not in ("batch_size",)}
+    meta = prepare_scan(model, data, subspaces, **prep_kwargs)[-1]
+    with ResultStore(part, mode="resume", meta=meta) as st:
+        if final.exists():
+            st.merge_from(final)

@@ -1,0 +1,531 @@
+"""Margin scans: the margin of every (sample, subspace) pair of a dataset and a subspace family.
+
+:func:`margin_scan` flattens the (sample, member) pairs sample-major, cuts them into batches of
+``batch_size`` pairs that mix samples and members, and sends each batch through ONE call of the
+batched engine ``pyboundary.deepfool(..., subspace=family, subspace_index=members)``. Finished
+batches go to a crash-safe :class:`~pyboundary.store.ResultStore` (one transaction each), so a
+killed scan resumes without recomputing or duplicating a pair. The result is a
+:class:`MarginScan` (tables of margins, per-subspace summaries, plots).
+
+Units: a margin is the norm (L2 for p = 2, L-inf for p = inf) of the minimal perturbation found
+inside the subspace member, in input units (the data's pixel scale, e.g. [0, 1]). A pair the
+engine could not flip has margin +inf and ``converged`` False; it is never averaged in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .stats import summarize
+from .store import ResultStore, StoreError
+from .utils import is_inf, model_guard
+
+__all__ = ["margin_scan", "MarginScan", "prepare_scan", "scan_from_store", "scan_metadata"]
+
+#: engine arguments that margin_scan sets itself (not engine options)
+_OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "p"}
+_GROUPS = ("all", "correct", "wrong")
+
+
+# ---------------------------------------------------------------------------------- result
+@dataclass
+class MarginScan:
+    """Margins of n_samples inputs in n_subspaces subspace members.
+
+    Attributes:
+        margins: (n_samples, n_subspaces) float64 margins in input units; +inf where the engine
+            failed, NaN where the pair has not been computed (an interrupted scan).
+        raw_margins: (n_samples, n_subspaces) float64 margins before refinement/overshoot
+            bookkeeping, as reported by the engine's ``raw_margin``.
+        iterations: (n_samples, n_subspaces) int64 DeepFool iterations (-1 if not computed).
+        converged: (n_samples, n_subspaces) bool.
+        adv_labels: (n_samples, n_subspaces) int64 label after the perturbation (-1 if not computed).
+        labels: (n_samples,) int64 true labels, or None when unknown.
+        predictions: (n_samples,) int64 the model's clean predictions (the reference class).
+        subspace_spec: spec of the family (``dct:K=8,T=1`` ...).
+        subspace_labels: one label per member.
+        grid_shape: (rows, cols) for grid families, else None.
+        p: 2.0 or inf.
+        meta: the metadata the scan was stored with (model, data, parameters, versions).
+    """
+
+    margins: Tensor
+    raw_margins: Tensor
+    iterations: Tensor
+    converged: Tensor
+    adv_labels: Tensor
+    labels: Tensor | None
+    predictions: Tensor
+    subspace_spec: str
+    subspace_labels: list
+    grid_shape: tuple | None = None
+    p: float = 2.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.margins.shape[0])
+
+    @property
+    def n_subspaces(self) -> int:
+        return int(self.margins.shape[1])
+
+    @property
+    def correct(self) -> Tensor | None:
+        """(n_samples,) bool: prediction == label (None when labels are unknown)."""
+        return None if self.labels is None else self.predictions == self.labels
+
+    @property
+    def done(self) -> Tensor:
+        """(n_samples, n_subspaces) bool: pairs that were computed (NaN margin = not yet)."""
+        return ~torch.isnan(self.margins)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    # -- summaries ---------------------------------------------------------------------
+    def summary(self) -> list:
+        """Per-subspace statistics of the margins (via :func:`pyboundary.stats.summarize`).
+
+        Returns:
+            list of dicts, one per (subspace, group) with keys subspace (index), member (label),
+            group ('all', and 'correct' / 'wrong' when labels are known), and the keys of
+            ``summarize`` (n, n_converged, n_failed, median, p5, p95, mean, se). Pairs not yet
+            computed are left out of n.
+        """
+        margins, conv, done = self.margins.numpy(), self.converged.numpy(), self.done.numpy()
+        groups = {"all": np.ones(self.n_samples, dtype=bool)}
+        if self.labels is not None:
+            ok = self.correct.numpy()
+            groups.update(correct=ok, wrong=~ok)
+        rows = []
+        for j, member in enumerate(self.subspace_labels):
+            for group, mask in groups.items():
+                sel = mask & done[:, j]
+                stats = summarize(margins[sel, j], conv[sel, j])
+                rows.append({"subspace": j, "member": member, "group": group, **stats})
+        return rows
+
+    def format_summary(self) -> str:
+        """The summary as a text table (one line per subspace; medians of correct/wrong samples
+        when labels are known)."""
+        rows = self.summary()
+        by = {(r["subspace"], r["group"]): r for r in rows}
+        split = self.labels is not None
+        norm = "L-inf" if is_inf(self.p) else "L2"
+        head = f"{'#':>3} {'member':>10} {'conv/n':>9} {'median':>9} {'p5':>9} {'p95':>9} {'mean':>9} {'se':>9}"
+        if split:
+            head += f" {'med.ok':>9} {'med.wrong':>9}"
+        n_ok = int(self.correct.sum()) if split else None
+        lines = [
+            f"{norm} margins in {self.subspace_spec} ({self.n_samples} samples, {self.n_subspaces} subspaces"
+            + (f", {n_ok} correctly classified)" if split else ")"),
+            head,
+        ]
+        fmt = lambda v: f"{v:9.4g}" if math.isfinite(v) else f"{'-':>9}"  # noqa: E731
+        for j, member in enumerate(self.subspace_labels):
+            a = by[(j, "all")]
+            line = f"{j:>3} {member:>10} {a['n_converged']:>4}/{a['n']:<4} " + " ".join(
+                fmt(a[k]) for k in ("median", "p5", "p95", "mean", "se")
+            )
+            if split:
+                line += " " + fmt(by[(j, "correct")]["median"]) + " " + fmt(by[(j, "wrong")]["median"])
+            lines.append(line)
+        if not self.complete:
+            lines.append(f"(incomplete: {int(self.done.sum())} of {self.margins.numel()} pairs computed)")
+        return "\n".join(lines)
+
+    def to_dataframe(self):
+        """Long-format pandas DataFrame: one row per (sample, subspace) pair (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover - pandas is optional
+            raise ImportError("to_dataframe needs pandas: pip install pandas") from None
+        n, s = self.n_samples, self.n_subspaces
+        sample = np.repeat(np.arange(n), s)
+        frame = {
+            "sample": sample,
+            "subspace": np.tile(np.arange(s), n),
+            "member": np.tile(np.array(self.subspace_labels, dtype=object), n),
+            "margin": self.margins.numpy().reshape(-1),
+            "raw_margin": self.raw_margins.numpy().reshape(-1),
+            "iterations": self.iterations.numpy().reshape(-1),
+            "converged": self.converged.numpy().reshape(-1),
+            "adv_label": self.adv_labels.numpy().reshape(-1),
+            "prediction": self.predictions.numpy()[sample],
+        }
+        if self.labels is not None:
+            frame["label"] = self.labels.numpy()[sample]
+            frame["correct"] = self.correct.numpy()[sample]
+        return pd.DataFrame(frame)
+
+    def plot(self, path) -> list:
+        """Write the figures (see :func:`pyboundary.plot.plot_scan`); returns the paths written.
+
+        ``path`` is a folder (margins.png, histograms.png and, for grid families, heatmap.png) or
+        a .png file for the main figure only.
+        """
+        from . import plot
+
+        return plot.plot_scan(self, path)
+
+    # -- storage -----------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write this scan to a new result store (refuses an existing file)."""
+        with ResultStore(path, mode="create", meta=self.meta) as st:
+            _write_scan(st, self)
+
+    @classmethod
+    def load(cls, path) -> "MarginScan":
+        """Read a scan back from a result store (missing pairs are NaN)."""
+        with ResultStore(path, mode="read") as st:
+            return scan_from_store(st)
+
+    def __eq__(self, other) -> bool:  # tensors compare element-wise; NaN == NaN here
+        if not isinstance(other, MarginScan):
+            return NotImplemented
+        same = lambda a, b: (a is None and b is None) or (  # noqa: E731
+            a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b) or (
+                a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))))
+        return (
+            all(same(getattr(self, k), getattr(other, k)) for k in
+                ("margins", "raw_margins", "iterations", "converged", "adv_labels", "labels", "predictions"))
+            and self.subspace_spec == other.subspace_spec
+            and list(self.subspace_labels) == list(other.subspace_labels)
+            and self.p == other.p
+        )
+
+
+def _write_scan(st: ResultStore, scan: MarginScan) -> None:
+    labels = None if scan.labels is None else scan.labels.numpy()
+    st.write_samples(np.arange(scan.n_samples), labels, scan.predictions.numpy())
+    done = scan.done.numpy()
+    s, j = np.nonzero(done)
+    st.write_pairs(s, j, scan.margins.numpy()[s, j], scan.raw_margins.numpy()[s, j],
+                   scan.iterations.numpy()[s, j], scan.converged.numpy()[s, j], scan.adv_labels.numpy()[s, j])
+
+
+def scan_from_store(st: ResultStore) -> MarginScan:
+    """Assemble the :class:`MarginScan` held by a store (pairs not stored are NaN / -1)."""
+    meta = st.meta
+    try:
+        n, s = int(meta["n_samples"]), int(meta["n_subspaces"])
+        spec, members = meta["subspaces"], list(meta["subspace_labels"])
+    except KeyError as exc:
+        raise StoreError(f"{str(st.path)!r} does not hold a margin scan (metadata key {exc} missing)") from None
+    grid = meta.get("grid_shape")
+    margins = np.full((n, s), np.nan)
+    raw = np.full((n, s), np.nan)
+    iters = np.full((n, s), -1, dtype=np.int64)
+    conv = np.zeros((n, s), dtype=bool)
+    adv = np.full((n, s), -1, dtype=np.int64)
+    pairs = st.read_pairs()
+    i, j = pairs["sample"], pairs["subspace"]
+    margins[i, j], raw[i, j], iters[i, j] = pairs["margin"], pairs["raw_margin"], pairs["iterations"]
+    conv[i, j], adv[i, j] = pairs["converged"], pairs["adv_label"]
+    smp = st.read_samples()
+    preds = np.full(n, -1, dtype=np.int64)
+    preds[smp["sample"]] = smp["prediction"]
+    labels = None
+    if meta.get("has_labels"):
+        labels = np.full(n, -1, dtype=np.int64)
+        if smp["label"] is not None:
+            labels[smp["sample"]] = smp["label"]
+    return MarginScan(
+        margins=torch.from_numpy(margins), raw_margins=torch.from_numpy(raw),
+        iterations=torch.from_numpy(iters), converged=torch.from_numpy(conv),
+        adv_labels=torch.from_numpy(adv), labels=None if labels is None else torch.from_numpy(labels),
+        predictions=torch.from_numpy(preds), subspace_spec=spec, subspace_labels=members,
+        grid_shape=None if grid is None else tuple(grid), p=float(meta["params"]["p"]), meta=meta,
+    )
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _unpack_data(data, labels, limit):
+    """(x (N, C, H, W) float, labels (N,) int64 or None, identity str, name str)."""
+    if isinstance(data, Tensor):
+        x, y, identity, name = data, None, None, "tensor"
+    elif hasattr(data, "x"):
+        x, y = data.x, getattr(data, "y", None)
+        identity, name = getattr(data, "identity", None), str(getattr(data, "name", type(data).__name__))
+    else:
+        raise TypeError(f"data must be a tensor (N, C, H, W) or a dataset with .x and .y, got {type(data).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"data: x must be a floating-point tensor (N, ...), got {getattr(x, 'shape', type(x))}")
+    if labels is not None:
+        y = labels
+    if y is not None:
+        y = torch.as_tensor(y)
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.shape != (x.shape[0],):
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        y = y.to(torch.int64).cpu()
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        x, y = x[:limit], (None if y is None else y[:limit])
+    if identity is None or labels is not None:
+        h = hashlib.sha256()
+        h.update(str(tuple(x.shape)).encode())
+        h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if y is not None:
+            h.update(y.numpy().tobytes())
+        identity = h.hexdigest()[:16]
+    elif limit is not None:
+        identity = f"{identity}[:{limit}]"
+    return x, y, identity, name
+
+
+def _engine():
+    from .deepfool import deepfool
+
+    return deepfool
+
+
+def _engine_params(p, options: dict) -> dict:
+    """Every engine parameter that shapes the results: given options over the engine's defaults."""
+    from .deepfool import deepfool
+
+    sig = inspect.signature(deepfool)
+    unknown = sorted(set(options) - set(sig.parameters) - _OWN_ARGS)
+    bad = sorted(set(options) & _OWN_ARGS)
+    if unknown or bad:
+        raise TypeError(f"margin_scan: unknown engine option(s) {unknown + bad}; "
+                        f"engine options are {sorted(set(sig.parameters) - _OWN_ARGS)}")
+    params = {k: v.default for k, v in sig.parameters.items()
+              if k not in _OWN_ARGS and v.default is not inspect.Parameter.empty}
+    params.update(options)
+    params["p"] = math.inf if is_inf(p) else float(p)
+    return params
+
+
+def _model_identity(model, model_name) -> dict:
+    from .models import weights_hash
+
+    name = model_name or type(model).__name__
+    try:
+        digest = weights_hash(model)
+    except TypeError:
+        digest = None  # a plain callable: only its name identifies it
+    return {"name": name, "weights_hash": digest}
+
+
+def _model_device(model, device):
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        for t in model.parameters():
+            return t.device
+    return torch.device("cpu")
+
+
+def scan_metadata(model, family, x, y, identity, data_name, params, model_name=None) -> dict:
+    """The metadata that defines a scan (what a resume must match)."""
+    return {
+        "kind": "margin_scan",
+        "model": _model_identity(model, model_name),
+        "data": {"name": data_name, "identity": identity},
+        "n_samples": int(x.shape[0]),
+        "image_shape": list(x.shape[1:]),
+        "has_labels": y is not None,
+        "subspaces": family.spec_or_name(),
+        "n_subspaces": int(family.n_members),
+        "subspace_labels": list(family.member_labels()),
+        "grid_shape": None if family.grid_shape is None else list(family.grid_shape),
+        "params": {k: (repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
+                   for k, v in sorted(params.items())},
+    }
+
+
+def _resolve_family(subspaces, x):
+    from .subspaces import Subspace, parse_subspaces
+
+    if isinstance(subspaces, str):
+        return parse_subspaces(subspaces, tuple(x.shape[1:]))
+    if not isinstance(subspaces, Subspace):
+        raise TypeError(f"subspaces must be a Subspace or a spec string, got {type(subspaces).__name__}")
+    if tuple(subspaces.image_shape) != tuple(x.shape[1:]):
+        raise ValueError(f"subspaces are for image shape {subspaces.image_shape}, data has {tuple(x.shape[1:])}")
+    return subspaces
+
+
+def _open_store(store, resume, meta):
+    """(ResultStore or None, whether we opened it)."""
+    if store is None:
+        if resume:
+            raise ValueError("resume=True needs a store to resume from")
+        return None, False
+    if isinstance(store, ResultStore):
+        store.check_meta(meta)
+        return store, False
+    return ResultStore(store, mode="resume" if resume else "create", meta=meta), True
+
+
+def predict_labels(model: Callable, x: Tensor, batch_size: int, device) -> Tensor:
+    """(N,) int64 clean predictions argmax model(x), in batches (CPU tensor)."""
+    from .utils import forward_logits
+
+    out = []
+    with model_guard(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            out.append(forward_logits(model, x[start:start + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------- scan
+def prepare_scan(model, data, subspaces, *, p=2, labels=None, limit=None, model_name=None, **engine_options):
+    """Validate a scan's inputs: (x, labels or None, family, engine params, metadata).
+
+    Same arguments as :func:`margin_scan`; the metadata is what a resumed store must match.
+    """
+    x, y, identity, data_name = _unpack_data(data, labels, limit)
+    family = _resolve_family(subspaces, x)
+    params = _engine_params(p, engine_options)
+    family.check_p(params["p"], torch.arange(family.n_members))
+    meta = scan_metadata(model, family, x, y, identity, data_name, params, model_name)
+    return x, y, family, params, meta
+
+
+def margin_scan(
+    model: Callable,
+    data,
+    subspaces,
+    *,
+    p=2,
+    labels=None,
+    batch_size: int = 256,
+    store=None,
+    resume: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    device=None,
+    model_name: str | None = None,
+    shard: tuple[int, int] | None = None,
+    **engine_options,
+) -> MarginScan:
+    """Margins of every (sample, subspace member) pair, batched through the DeepFool engine.
+
+    Args:
+        model: callable (N, C, H, W) -> (N, L) logits (left unchanged: eval mode inside).
+        data: tensor x (N, C, H, W), or a dataset with ``.x`` (and ``.y``, ``.identity``, ``.name``).
+        subspaces: a :class:`~pyboundary.subspaces.Subspace` family or a spec (``dct:K=8,T=1``).
+        p: 2 or inf (norm of the margins).
+        labels: (N,) int64 true labels (default ``data.y``); used to split the summary by
+            correctly/wrongly classified samples. The margin is always measured from the model's
+            own prediction.
+        batch_size: (sample, member) pairs per engine call; bounds memory.
+        store: None, a path of a result store (SQLite), or an open ResultStore. A path that
+            exists is refused unless ``resume``.
+        resume: continue the scan in ``store`` (its metadata must match; done pairs are skipped).
+        limit: scan only the first ``limit`` samples.
+        progress: tqdm bar over pairs.
+        device: where the engine runs (default: the model's parameters' device, else CPU);
+            the data is moved there batch by batch.
+        model_name: recorded in the metadata (default: the model's class name).
+        shard: (rank, world): scan only samples i with i % world == rank (used by
+            :mod:`pyboundary.distributed`); the returned scan has NaN for the other samples.
+        **engine_options: passed to ``pyboundary.deepfool`` (candidates, overshoot, max_iter,
+            refine, tol, clamp, ...); all of them, with the engine's defaults filled in, are
+            part of the stored metadata.
+
+    Returns:
+        MarginScan (CPU tensors). With a store, it is read back from the store, so it includes
+        pairs computed by earlier (interrupted) runs.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    x, y, family, params, meta = prepare_scan(model, data, subspaces, p=p, labels=labels, limit=limit,
+                                              model_name=model_name, **engine_options)
+    dev = _model_device(model, device)
+    samples = _shard_samples(x.shape[0], shard)
+    st, opened = _open_store(store, resume, meta)
+    try:
+        preds = torch.full((x.shape[0],), -1, dtype=torch.int64)
+        preds[samples] = predict_labels(model, x[samples], batch_size, dev)
+        if st is not None:
+            st.write_samples(samples.numpy(), None if y is None else y[samples].numpy(), preds[samples].numpy())
+        todo = _todo_pairs(samples, family.n_members, st)
+        acc = _Accumulator(x.shape[0], family.n_members)
+        _run_pairs(model, x, family, todo, params, batch_size, dev, st, acc, progress)
+        if st is not None:
+            return scan_from_store(st)
+        return acc.to_scan(y, preds, family, params["p"], meta)
+    finally:
+        if opened:
+            st.close()
+
+
+def _shard_samples(n: int, shard) -> Tensor:
+    if shard is None:
+        return torch.arange(n)
+    rank, world = shard
+    if not (isinstance(rank, int) and isinstance(world, int) and world >= 1 and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    return torch.arange(rank, n, world)
+
+
+def _todo_pairs(samples: Tensor, n_members: int, st) -> Tensor:
+    """(P, 2) int64 (sample, member) pairs still to compute, sample-major."""
+    s = samples.repeat_interleave(n_members)
+    j = torch.arange(n_members).repeat(samples.numel())
+    pairs = torch.stack([s, j], 1)
+    if st is not None and st.count_pairs():
+        done = np.array(sorted(st.done_pairs()), dtype=np.int64).reshape(-1, 2)
+        keys = pairs[:, 0].numpy() * n_members + pairs[:, 1].numpy()
+        keep = ~np.isin(keys, done[:, 0] * n_members + done[:, 1])
+        pairs = pairs[torch.from_numpy(keep)]
+    return pairs
+
+
+class _Accumulator:
+    """In-memory (n_samples, n_subspaces) tables filled batch by batch (no-store scans)."""
+
+    def __init__(self, n: int, s: int):
+        self.margins = torch.full((n, s), math.nan, dtype=torch.float64)
+        self.raw = torch.full((n, s), math.nan, dtype=torch.float64)
+        self.iters = torch.full((n, s), -1, dtype=torch.int64)
+        self.conv = torch.zeros((n, s), dtype=torch.bool)
+        self.adv = torch.full((n, s), -1, dtype=torch.int64)
+
+    def add(self, si, sj, res) -> None:
+        self.margins[si, sj] = res.margin.detach().cpu().double()
+        self.raw[si, sj] = res.raw_margin.detach().cpu().double()
+        self.iters[si, sj] = res.iterations.detach().cpu().long()
+        self.conv[si, sj] = res.converged.detach().cpu().bool()
+        self.adv[si, sj] = res.adv_label.detach().cpu().long()
+
+    def to_scan(self, y, preds, family, p, meta) -> MarginScan:
+        return MarginScan(self.margins, self.raw, self.iters, self.conv, self.adv, y, preds,
+                          family.spec_or_name(), list(family.member_labels()),
+                          family.grid_shape, p, meta)
+
+
+def _run_pairs(model, x, family, todo, params, batch_size, dev, st, acc, progress) -> None:
+    """Engine calls over the todo pairs, one per batch of mixed (sample, member) pairs."""
+    from tqdm.auto import tqdm
+
+    deepfool = _engine()
+    opts = {k: v for k, v in params.items() if k != "p"}
+    bar = tqdm(total=int(todo.shape[0]), unit="pair", desc="margin scan", disable=not progress, leave=False)
+    try:
+        for start in range(0, todo.shape[0], batch_size):
+            chunk = todo[start:start + batch_size]
+            si, sj = chunk[:, 0], chunk[:, 1]
+            xb = x[si].to(dev)
+            res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev), **opts)
+            acc.add(si, sj, res)
+            if st is not None:
+                st.write_pairs(si.numpy(), sj.numpy(), acc.margins[si, sj].numpy(), acc.raw[si, sj].numpy(),
+                               acc.iters[si, sj].numpy(), acc.conv[si, sj].numpy(), acc.adv[si, sj].numpy())
+            bar.update(int(chunk.shape[0]))
+    finally:
+        bar.close()

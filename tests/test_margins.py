@@ -1,0 +1,274 @@
+"""margin_scan / MarginScan: analytic margins of affine models, batching, store, resume, plots."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyboundary.margins as margins_mod
+from pyboundary.margins import MarginScan, margin_scan
+from pyboundary.stats import summarize
+from pyboundary.store import ResultStore, StoreError
+from pyboundary.subspaces import DCTDiagonal, DCTGrid, Directions
+from pyboundary.synthetic import T1
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Affine(nn.Module):
+    """logits = W x + b on flattened inputs (closed-form margins)."""
+
+    def __init__(self, shape, n_classes=3, seed=0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = int(np.prod(shape))
+        self.lin = nn.Linear(d, n_classes, dtype=dtype)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(n_classes, d, generator=g, dtype=dtype))
+            self.lin.bias.copy_(torch.randn(n_classes, generator=g, dtype=dtype))
+
+    def forward(self, x):
+        return self.lin(x.reshape(x.shape[0], -1))
+
+
+def _data(n=12, shape=(1, 8, 8), seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g, dtype=dtype)
+
+
+def _affine_margins(model, x, family):
+    """min_j |F_kj(x)| / ||analysis(w_k - w_j)||: the L2 margin of an affine model in each member."""
+    w, b = model.lin.weight.detach(), model.lin.bias.detach()
+    logits = x.reshape(len(x), -1) @ w.T + b
+    k = logits.argmax(1)
+    out = torch.empty(len(x), family.n_members, dtype=torch.float64)
+    for j in range(family.n_members):
+        dist = torch.full((len(x),), math.inf, dtype=torch.float64)
+        for c in range(w.shape[0]):
+            dw = (w[c] - w[k]).reshape(len(x), *family.image_shape)
+            norm = family.analysis(dw, torch.full((len(x),), j)).norm(dim=1)
+            gap = (logits[:, k].diagonal() if False else logits.gather(1, k[:, None]).squeeze(1)) - logits[:, c]
+            d = torch.where(c == k, torch.full_like(gap, math.inf), gap.abs() / norm)
+            dist = torch.minimum(dist, d)
+        out[:, j] = dist
+    return out
+
+
+def test_affine_margins_match_closed_form():
+    model, x = Affine((1, 8, 8)), _data()
+    fam = DCTDiagonal((1, 8, 8), K=4, T=2)
+    scan = margin_scan(model, x, fam, batch_size=10, progress=False)
+    want = _affine_margins(model, x, fam)
+    assert scan.margins.shape == (12, 3) and bool(scan.converged.all())
+    torch.testing.assert_close(scan.margins, want, rtol=3e-4, atol=0)
+    assert scan.labels is None and scan.correct is None
+    torch.testing.assert_close(scan.predictions, model(x).argmax(1))
+    assert scan.subspace_labels == ["(0,0)", "(2,2)", "(4,4)"]
+
+
+def test_one_engine_call_per_mixed_batch(monkeypatch):
+    model, x = Affine((1, 8, 8)), _data(n=10)
+    real = margins_mod._engine()
+    calls = []
+
+    def spy(model, xb, *, subspace_index, **kw):
+        calls.append(subspace_index.clone())
+        return real(model, xb, subspace_index=subspace_index, **kw)
+
+    monkeypatch.setattr(margins_mod, "_engine", lambda: spy)
+    scan = margin_scan(model, x, "dct:K=4,T=2", batch_size=7, progress=False)
+    assert len(calls) == math.ceil(30 / 7)  # 10 samples x 3 members in batches of 7 pairs
+    assert len(set(calls[0].tolist())) == 3  # one call mixes all members
+    ref = margin_scan(model, x, "dct:K=4,T=2", batch_size=1000, progress=False)
+    torch.testing.assert_close(scan.margins, ref.margins, rtol=1e-9, atol=0)
+
+
+def test_summary_split_by_correctness_and_dataframe():
+    model, x = Affine((1, 8, 8)), _data(n=20)
+    y = model(x).argmax(1)
+    y[:6] = (y[:6] + 1) % 3  # six wrongly classified samples
+    scan = margin_scan(model, x, "dct:K=4,T=2", labels=y, progress=False)
+    assert int(scan.correct.sum()) == 14
+    rows = scan.summary()
+    assert len(rows) == 3 * 3
+    for r in rows:
+        mask = {"all": torch.ones(20, dtype=torch.bool), "correct": scan.correct, "wrong": ~scan.correct}[r["group"]]
+        want = summarize(scan.margins[mask, r["subspace"]].numpy(), scan.converged[mask, r["subspace"]].numpy())
+        assert r == {"subspace": r["subspace"], "member": scan.subspace_labels[r["subspace"]], "group": r["group"], **want}
+    table = scan.format_summary()
+    assert "med.wrong" in table and "14 correctly classified" in table
+    df = scan.to_dataframe()
+    assert len(df) == 60 and df["correct"].sum() == 14 * 3
+    np.testing.assert_array_equal(df["margin"].to_numpy().reshape(20, 3), scan.margins.numpy())
+
+
+def test_directions_on_synthetic_t1_and_failures_flagged():
+    ds = T1(eps=0.5, sigma=0.2, D=16, N=10, seed=0, shape=(1, 4, 4))
+    u1 = ds.u1.reshape(1, 1, 4, 4)
+
+    class Linear(nn.Module):  # logits (-<u1,x>, <u1,x>): boundary {<u1, x> = 0}
+        def forward(self, x):
+            s = (x.reshape(len(x), -1) @ ds.u1.to(x.dtype)).unsqueeze(1)
+            return torch.cat([-s, s], 1)
+
+    fam = Directions(u1, (1, 4, 4), complement=True)
+    scan = margin_scan(Linear(), ds, fam, max_iter=5, progress=False)
+    torch.testing.assert_close(scan.margins[:, 0], torch.full((10,), 0.5, dtype=torch.float64), rtol=2e-4, atol=0)
+    assert bool(scan.correct.all())
+    # the complement of u1 cannot change the label: every pair fails, margin inf, never averaged
+    assert not bool(scan.converged[:, 1].any()) and bool(torch.isinf(scan.margins[:, 1]).all())
+    rows = {r["subspace"]: r for r in scan.summary() if r["group"] == "all"}
+    assert rows[1]["n_failed"] == 10 and math.isnan(rows[1]["median"])
+
+
+def test_store_round_trip_and_refusals(tmp_path):
+    model, x = Affine((1, 8, 8)), _data()
+    y = model(x).argmax(1)
+    path = tmp_path / "scan.sqlite"
+    scan = margin_scan(model, x, "dct:K=4,T=2", labels=y, store=path, progress=False)
+    back = MarginScan.load(path)
+    assert back == scan and back.meta["params"]["p"] == 2.0
+    assert back.meta["model"]["weights_hash"] and back.meta["subspaces"] == "dct:K=4,T=2"
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        margin_scan(model, x, "dct:K=4,T=2", labels=y, store=path, progress=False)
+    with pytest.raises(StoreError, match="differing keys: params"):
+        margin_scan(model, x, "dct:K=4,T=2", labels=y, store=path, resume=True, overshoot=0.1, progress=False)
+    with pytest.raises(StoreError, match="differing keys: model"):
+        margin_scan(Affine((1, 8, 8), seed=5), x, "dct:K=4,T=2", labels=y, store=path, resume=True, progress=False)
+    with pytest.raises(StoreError, match="data"):
+        margin_scan(model, x + 0.01, "dct:K=4,T=2", labels=y, store=path, resume=True, progress=False)
+    # resuming a complete scan computes nothing and returns the same
+    assert margin_scan(model, x, "dct:K=4,T=2", labels=y, store=path, resume=True, progress=False) == scan
+    saved = tmp_path / "copy.sqlite"
+    scan.save(saved)
+    assert MarginScan.load(saved) == scan
+
+
+def test_resume_after_exception_skips_done_pairs(tmp_path, monkeypatch):
+    model, x = Affine((1, 8, 8)), _data(n=10)
+    path = tmp_path / "scan.sqlite"
+    full = margin_scan(model, x, "dct:K=4,T=2", batch_size=4, progress=False)
+    real = margins_mod._engine()
+    seen = []
+
+    def flaky(model, xb, **kw):
+        if len(seen) == 3:
+            raise RuntimeError("boom")
+        seen.append(len(xb))
+        return real(model, xb, **kw)
+
+    monkeypatch.setattr(margins_mod, "_engine", lambda: flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        margin_scan(model, x, "dct:K=4,T=2", batch_size=4, store=path, progress=False)
+    with ResultStore(path, mode="read") as st:
+        assert st.count_pairs() == 12
+    partial = MarginScan.load(path)
+    assert not partial.complete and int(partial.done.sum()) == 12
+    assert "incomplete" in partial.format_summary()
+    seen.clear()
+    monkeypatch.setattr(margins_mod, "_engine", lambda: real)
+    resumed = margin_scan(model, x, "dct:K=4,T=2", batch_size=4, store=path, resume=True, progress=False)
+    assert resumed.complete
+    torch.testing.assert_close(resumed.margins, full.margins, rtol=1e-9, atol=0)
+
+
+_KILL_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_margins import Affine, _data
+from pyboundary.margins import margin_scan
+
+class Slow(Affine):
+    def forward(self, x):
+        time.sleep(0.02)
+        return super().forward(x)
+
+torch.manual_seed(0)
+margin_scan(Slow((1, 8, 8)), _data(n=24), "dct:K=4,T=1", batch_size=5, store={store!r},
+            progress=False, model_name="slow-affine")
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    store = tmp_path / "scan.sqlite"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), store=str(store)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    n_done = 0
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            if store.exists():
+                try:
+                    with ResultStore(store, mode="read") as st:
+                        n_done = st.count_pairs()
+                except StoreError:
+                    continue
+                if n_done >= 20:
+                    break
+        assert proc.poll() is None, "the scan finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    with ResultStore(store, mode="read") as st:
+        killed_at = st.count_pairs()
+    assert 20 <= killed_at < 120 and killed_at % 5 == 0  # whole batches only
+    sys.path.insert(0, str(Path(__file__).parent))
+
+    class Slow(Affine):  # same class name and weights as in the killed process
+        pass
+
+    model, x = Slow((1, 8, 8)), _data(n=24)
+    resumed = margin_scan(model, x, "dct:K=4,T=1", batch_size=5, store=store, resume=True,
+                          progress=False, model_name="slow-affine")
+    with ResultStore(store, mode="read") as st:
+        pairs = st.read_pairs()
+    assert len(pairs["sample"]) == 120 == len(set(zip(pairs["sample"], pairs["subspace"])))
+    full = margin_scan(model, x, "dct:K=4,T=1", batch_size=5, progress=False)
+    torch.testing.assert_close(resumed.margins, full.margins, rtol=1e-9, atol=0)
+    assert torch.equal(resumed.iterations, full.iterations)
+
+
+def test_plots_written(tmp_path):
+    model, x = Affine((1, 8, 8)), _data(n=15)
+    y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 3
+    scan = margin_scan(model, x, DCTDiagonal((1, 8, 8), K=4, T=1), labels=y, progress=False)
+    paths = scan.plot(tmp_path / "figs")
+    assert sorted(p.name for p in paths) == ["histograms.png", "margins.png"]
+    grid = margin_scan(model, x, DCTGrid((1, 8, 8), K=4, T=2), progress=False)
+    assert grid.grid_shape == (3, 3)
+    gpaths = grid.plot(tmp_path / "grid")
+    assert "heatmap.png" in [p.name for p in gpaths]
+    for p in paths + gpaths:
+        assert p.stat().st_size > 10_000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments():
+    model, x = Affine((1, 8, 8)), _data(n=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        margin_scan(model, x, "dct:K=4", batch_size=0, progress=False)
+    with pytest.raises(TypeError, match="unknown engine option"):
+        margin_scan(model, x, "dct:K=4", progress=False, overshot=0.1)
+    with pytest.raises(ValueError, match="labels"):
+        margin_scan(model, x, "dct:K=4", labels=torch.zeros(3, dtype=torch.int64), progress=False)
+    with pytest.raises(ValueError, match="image shape"):
+        margin_scan(model, x, DCTDiagonal((1, 16, 16), K=4), progress=False)
+    with pytest.raises(TypeError, match="data"):
+        margin_scan(model, [1, 2], "dct:K=4", progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        margin_scan(model, x, "dct:K=4", resume=True, progress=False)
