@@ -51,7 +51,7 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fvisibility=hidden"]
+    cxx = ["-O3", "-g0", "-fvisibility=hidden"]
     macros = [("PYBOUNDARY_WITH_CUDA", "1" if with_cuda else "0")]
     if with_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")

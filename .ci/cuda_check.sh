@@ -31,6 +31,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/pyboundary"
 cp -r "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
+[ -f "$ROOT/README.md" ] && cp "$ROOT/README.md" "$WORK/"
 cp "$ROOT"/pyboundary/*.py "$WORK/pyboundary/"
 cd "$WORK"
 start=$(date +%s)

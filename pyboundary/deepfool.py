@@ -276,6 +276,13 @@ def _score(logits: Tensor, ref: Tensor, target: Tensor | None) -> Tensor:
     return other - own if target is None else own - other
 
 
+def _robust_score(logits: Tensor, ref: Tensor, target: Tensor | None) -> Tensor:
+    """:func:`_score` minus the float noise of the logits: > 0 means clearly adversarial, so a
+    reported point stays adversarial when re-evaluated in another batch composition."""
+    noise = _NOISE_ULPS * torch.finfo(logits.dtype).eps * logits.abs().amax(1)
+    return _score(logits, ref, target) - noise
+
+
 def _point(ctx: _Ctx, x0: Tensor, delta: Tensor) -> Tensor:
     xa = x0 + delta
     if ctx.clamp is not None:
@@ -408,15 +415,15 @@ def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
                 ch.adv[a[mis]] = lg.argmax(1)[mis]
         pred = lg.argmax(1)
         tgt = None if ch.target is None else ch.target[a]
-        flipped = (pred != ch.ref[a]) if tgt is None else (pred == tgt)
-        flipped &= ~ch.done[a]
+        score = _robust_score(lg, ch.ref[a], tgt)
+        flipped = (score > 0) & ~ch.done[a]
         if bool(flipped.any()):
             f = a[flipped]
             ch.done[f] = True
             ch.conv[f] = True
             ch.iters[f] = it
             ch.adv[f] = pred[flipped]
-            ch.s_flip[f] = _score(lg[flipped], ch.ref[f], None if tgt is None else tgt[flipped])
+            ch.s_flip[f] = score[flipped]
         rows = (~ch.done[a]).nonzero().squeeze(1)
         if it == ctx.max_iter or rows.numel() == 0:
             ch.iters[a[rows]] = ctx.max_iter
@@ -494,10 +501,7 @@ def _refine(ctx: _Ctx, ch: _Chunk, a: Tensor, delta: Tensor) -> Tensor:
         logits = _forward(ctx, _point(ctx, ch.x0[rows], d2))
         ch.fwd[a[act]] += 1
         tg = None if tgt_all is None else tgt_all[act].repeat(2)
-        # a point counts as adversarial only if its score beats float noise of the logits, so the
-        # reported point stays adversarial when re-evaluated in another batch composition
-        noise = _NOISE_ULPS * torch.finfo(logits.dtype).eps * logits.abs().amax(1)
-        s = _score(logits, ch.ref[rows], tg) - noise
+        s = _robust_score(logits, ch.ref[rows], tg)
         pred = logits.argmax(1)
         m = act.numel()
         sa, sb, pa, pb = s[:m], s[m:], pred[:m], pred[m:]

@@ -1,11 +1,13 @@
 """Margin scans over several processes (``torchrun --nproc_per_node=N -m pyboundary scan ...``).
 
-Samples are sharded round-robin across ranks (sample i goes to rank i % world). Each rank scans
-its shard into its own part store ``<final>.part<rank>-of-<world>`` (crash-safe like any store);
-then rank 0 merges the parts into the final store, in one transaction per part, and removes them.
-The pairs and their values are those of a single-process scan (each pair is computed by the same
-engine; only the batch composition differs, which can move float32 margins by rounding, ~1e-7
-relative).
+Sharding: the (sample, subspace) pairs are laid out sample-major on the fixed batch grid of
+:func:`pyboundary.margins.margin_scan` (batch b = pairs [b*B, (b+1)*B)), and batch b goes to rank
+b % world, so every rank gets contiguous blocks of samples and the load is balanced. Each rank
+scans its batches into its own part store ``<final>.part<rank>-of-<world>`` (crash-safe like any
+store); then rank 0 merges the parts into the final store, one transaction per part, and the
+parts are removed. Because every pair is computed in the same batch as in a single-process scan,
+the numbers are those of the single-process scan (bit for bit on the same machine and thread
+settings; tests allow float32 rounding).
 
 Resume: rank 0 validates the final store first (same refusal rules as a single-process scan);
 each rank seeds its part with the pairs already in the final store and resumes its part, so

@@ -1,10 +1,12 @@
 """Margin scans: the margin of every (sample, subspace) pair of a dataset and a subspace family.
 
-:func:`margin_scan` flattens the (sample, member) pairs sample-major, cuts them into batches of
-``batch_size`` pairs that mix samples and members, and sends each batch through ONE call of the
-batched engine ``pyboundary.deepfool(..., subspace=family, subspace_index=members)``. Finished
-batches go to a crash-safe :class:`~pyboundary.store.ResultStore` (one transaction each), so a
-killed scan resumes without recomputing or duplicating a pair. The result is a
+:func:`margin_scan` flattens the (sample, member) pairs sample-major, cuts them into a fixed
+grid of batches of ``batch_size`` pairs that mix samples and members, and sends each batch through
+ONE call of the batched engine ``pyboundary.deepfool(..., subspace=family,
+subspace_index=members)``. Finished batches go to a crash-safe
+:class:`~pyboundary.store.ResultStore` (one transaction each), so a killed scan resumes without
+recomputing or duplicating a pair; since the batch grid is fixed, a resumed (or multi-process)
+scan computes each pair in the same batch as an uninterrupted one and gets the same numbers. The result is a
 :class:`MarginScan` (tables of margins, per-subspace summaries, plots).
 
 Units: a margin is the norm (L2 for p = 2, L-inf for p = inf) of the minimal perturbation found
@@ -431,8 +433,9 @@ def margin_scan(
         device: where the engine runs (default: the model's parameters' device, else CPU);
             the data is moved there batch by batch.
         model_name: recorded in the metadata (default: the model's class name).
-        shard: (rank, world): scan only samples i with i % world == rank (used by
-            :mod:`pyboundary.distributed`); the returned scan has NaN for the other samples.
+        shard: (rank, world): scan only the batches b of the fixed batch grid with
+            b % world == rank (used by :mod:`pyboundary.distributed`); the returned scan has NaN
+            for the other pairs.
         **engine_options: passed to ``pyboundary.deepfool`` (candidates, overshoot, max_iter,
             refine, tol, clamp, ...); all of them, with the engine's defaults filled in, are
             part of the stored metadata.
@@ -446,16 +449,18 @@ def margin_scan(
     x, y, family, params, meta = prepare_scan(model, data, subspaces, p=p, labels=labels, limit=limit,
                                               model_name=model_name, **engine_options)
     dev = _model_device(model, device)
-    samples = _shard_samples(x.shape[0], shard)
+    _check_shard(shard)
     st, opened = _open_store(store, resume, meta)
     try:
+        batches = _batch_grid(x.shape[0], family.n_members, batch_size, shard)
+        samples = torch.unique(torch.cat([b[:, 0] for b in batches])) if batches else torch.arange(0)
         preds = torch.full((x.shape[0],), -1, dtype=torch.int64)
         preds[samples] = predict_labels(model, x[samples], batch_size, dev)
         if st is not None:
             st.write_samples(samples.numpy(), None if y is None else y[samples].numpy(), preds[samples].numpy())
-        todo = _todo_pairs(samples, family.n_members, st)
+            batches = _drop_done(batches, family.n_members, st)
         acc = _Accumulator(x.shape[0], family.n_members)
-        _run_pairs(model, x, family, todo, params, batch_size, dev, st, acc, progress)
+        _run_pairs(model, x, family, batches, params, dev, st, acc, progress)
         if st is not None:
             return scan_from_store(st)
         return acc.to_scan(y, preds, family, params["p"], meta)
@@ -464,26 +469,44 @@ def margin_scan(
             st.close()
 
 
-def _shard_samples(n: int, shard) -> Tensor:
+def _check_shard(shard) -> None:
     if shard is None:
-        return torch.arange(n)
-    rank, world = shard
-    if not (isinstance(rank, int) and isinstance(world, int) and world >= 1 and 0 <= rank < world):
+        return
+    ok = isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+    if not ok or not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
-    return torch.arange(rank, n, world)
 
 
-def _todo_pairs(samples: Tensor, n_members: int, st) -> Tensor:
-    """(P, 2) int64 (sample, member) pairs still to compute, sample-major."""
-    s = samples.repeat_interleave(n_members)
-    j = torch.arange(n_members).repeat(samples.numel())
-    pairs = torch.stack([s, j], 1)
-    if st is not None and st.count_pairs():
-        done = np.array(sorted(st.done_pairs()), dtype=np.int64).reshape(-1, 2)
-        keys = pairs[:, 0].numpy() * n_members + pairs[:, 1].numpy()
-        keep = ~np.isin(keys, done[:, 0] * n_members + done[:, 1])
-        pairs = pairs[torch.from_numpy(keep)]
-    return pairs
+def _batch_grid(n: int, n_members: int, batch_size: int, shard) -> list:
+    """The fixed grid of batches: all (sample, member) pairs sample-major, cut every batch_size.
+
+    Batch b holds pairs [b*batch_size, (b+1)*batch_size); with shard=(rank, world) only batches
+    b % world == rank are kept. Because the grid does not depend on what is already done or on
+    the number of processes, a resumed or multi-process scan computes every pair in the same
+    batch as an uninterrupted single-process scan (stores write whole batches), hence the same
+    numbers. Returns a list of (P_b, 2) int64 tensors.
+    """
+    s = torch.arange(n).repeat_interleave(n_members)
+    j = torch.arange(n_members).repeat(n)
+    batches = list(torch.stack([s, j], 1).split(batch_size))
+    if shard is not None:
+        rank, world = shard
+        batches = batches[rank::world]
+    return batches
+
+
+def _drop_done(batches: list, n_members: int, st) -> list:
+    """Remove the pairs already in the store (and batches left empty)."""
+    if not st.count_pairs():
+        return batches
+    done = np.array(sorted(st.done_pairs()), dtype=np.int64).reshape(-1, 2)
+    done_keys = done[:, 0] * n_members + done[:, 1]
+    out = []
+    for b in batches:
+        keep = ~np.isin(b[:, 0].numpy() * n_members + b[:, 1].numpy(), done_keys)
+        if keep.any():
+            out.append(b[torch.from_numpy(keep)])
+    return out
 
 
 class _Accumulator:
@@ -509,19 +532,18 @@ class _Accumulator:
                           family.grid_shape, p, meta)
 
 
-def _run_pairs(model, x, family, todo, params, batch_size, dev, st, acc, progress) -> None:
-    """Engine calls over the todo pairs, one per batch of mixed (sample, member) pairs."""
+def _run_pairs(model, x, family, batches, params, dev, st, acc, progress) -> None:
+    """One engine call per batch of mixed (sample, member) pairs; each batch stored as it finishes."""
     from tqdm.auto import tqdm
 
     deepfool = _engine()
     opts = {k: v for k, v in params.items() if k != "p"}
-    bar = tqdm(total=int(todo.shape[0]), unit="pair", desc="margin scan", disable=not progress, leave=False)
+    total = sum(int(b.shape[0]) for b in batches)
+    bar = tqdm(total=total, unit="pair", desc="margin scan", disable=not progress, leave=False)
     try:
-        for start in range(0, todo.shape[0], batch_size):
-            chunk = todo[start:start + batch_size]
+        for chunk in batches:
             si, sj = chunk[:, 0], chunk[:, 1]
-            xb = x[si].to(dev)
-            res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev), **opts)
+            res = deepfool(model, x[si].to(dev), p=params["p"], subspace=family, subspace_index=sj.to(dev), **opts)
             acc.add(si, sj, res)
             if st is not None:
                 st.write_pairs(si.numpy(), sj.numpy(), acc.margins[si, sj].numpy(), acc.raw[si, sj].numpy(),

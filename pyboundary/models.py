@@ -12,6 +12,7 @@ All models return logits (N, n_classes) and take inputs (N, C, H, W) with values
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -53,13 +54,14 @@ _CACHE_FORMAT = 1
 
 
 class LeNet(nn.Module):
-    """LeNet-style CNN: two 5x5 conv + ReLU + 2x2 max-pool stages, then two linear layers.
+    """LeNet-style CNN: two 5x5 conv (width, 2*width channels) + ReLU + 2x2 max-pool stages, then
+    two linear layers (hidden units, then n_classes).
 
     Spatial sizes: H -> H//2 -> H//4 (padding 2 keeps the conv sizes); when H//4 or W//4 exceed 7
     an adaptive average pool reduces the map to at most 7x7 so the classifier stays small.
     """
 
-    def __init__(self, in_shape: Sequence[int], n_classes: int, width: int = 16, hidden: int = 128):
+    def __init__(self, in_shape: Sequence[int], n_classes: int, width: int = 8, hidden: int = 128):
         super().__init__()
         c, h, w = in_shape
         if h < 4 or w < 4:
@@ -158,7 +160,7 @@ def build(arch: str, in_shape: Sequence[int] = (1, 28, 28), n_classes: int = 10,
         arch: "lenet", "mlp" or "resnet-small".
         in_shape: (C, H, W) of one input.
         n_classes: number of logits (>= 2).
-        kwargs: architecture options (lenet: width=16, hidden=128; mlp: hidden=256, depth=2;
+        kwargs: architecture options (lenet: width=8, hidden=128; mlp: hidden=256, depth=2;
             resnet-small: width=16, blocks=1).
     Returns:
         nn.Module mapping (N, C, H, W) -> (N, n_classes) logits; parameters drawn from torch's
@@ -339,6 +341,9 @@ def _atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -386,7 +391,8 @@ def reference_model(
     The first call builds the model (weights seeded with ``seed``), trains it with :func:`train`
     on ``load_dataset(dataset, 'train', limit=n_train, seed=seed)`` and saves its state dict
     atomically (temporary file + os.replace) to ``cache_dir()/models/<arch>-<dataset>-<key>.pt``,
-    key = hash of (arch, data identity, epochs, seed, n_train, batch_size, lr, pyboundary version).
+    key = hash of (arch, its parameter names and shapes, data identity, epochs, seed, n_train,
+    batch_size, lr, pyboundary version).
     Later calls load it with ``weights_only=True``; an unreadable or mismatching cache file is
     retrained with a warning. With the defaults (lenet, fashion-mnist, 3 epochs) training takes
     ~1 minute on 2 CPU cores and reaches ~89-90 % test accuracy.
@@ -412,32 +418,75 @@ def reference_model(
     train_set = load_dataset(dataset, "train", limit=n_train, seed=seed)
     if epochs is None:
         epochs = default_epochs(len(train_set))
+    in_shape, n_classes = tuple(train_set.x.shape[1:]), train_set.n_classes
+    with torch.random.fork_rng(devices=[]):
+        layout = _layout_hash(build(arch, in_shape, n_classes))
     config = {
-        "format": _CACHE_FORMAT, "arch": arch, "dataset": dataset, "data": train_set.identity,
-        "epochs": int(epochs), "seed": int(seed), "n_train": n_train, "batch_size": int(batch_size),
-        "lr": float(lr), "version": __version__,
+        "format": _CACHE_FORMAT, "arch": arch, "layout": layout, "dataset": dataset,
+        "data": train_set.identity, "epochs": int(epochs), "seed": int(seed), "n_train": n_train,
+        "batch_size": int(batch_size), "lr": float(lr), "version": __version__,
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name if os.sep in dataset else dataset)
     path = cache_dir() / "models" / f"{arch}-{safe}-{key}.pt"
-    in_shape, n_classes = tuple(train_set.x.shape[1:]), train_set.n_classes
+    build_args = (path, config, arch, in_shape, n_classes)
 
-    if path.exists() and not retrain:
-        try:
-            return _load_cached(path, config, arch, in_shape, n_classes)
-        except Exception as e:
-            warnings.warn(f"model cache file {path} is unusable ({e}); retraining", stacklevel=2)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build(arch, in_shape, n_classes)
-    train(model, train_set.x, train_set.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-          progress=progress)
-    meta = dict(config, in_shape=list(in_shape), n_classes=n_classes, weights_hash=weights_hash(model),
-                test_accuracy=_test_accuracy(model, dataset))
-    _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
+    model = None if retrain else _try_cached(*build_args, warn=True)
+    if model is not None:
+        return model
+    with _file_lock(path.with_name(path.name + ".lock")):
+        # another process may have trained this model while we waited for the lock
+        model = None if retrain else _try_cached(*build_args, warn=False)
+        if model is not None:
+            return model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build(arch, in_shape, n_classes)
+        train(model, train_set.x, train_set.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+              progress=progress)
+        meta = dict(config, in_shape=list(in_shape), n_classes=n_classes,
+                    weights_hash=weights_hash(model), test_accuracy=_test_accuracy(model, dataset))
+        _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
     model.pyboundary_meta = meta
     return model.eval()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive advisory lock (fcntl.flock) on ``path`` while the block runs; no-op without fcntl.
+
+    Keeps concurrent processes from training the same reference model at the same time.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _try_cached(path: Path, config: dict, arch: str, in_shape, n_classes, *, warn: bool):
+    """The cached model, or None if the file is absent or unusable (with a warning if ``warn``)."""
+    if not path.exists():
+        return None
+    try:
+        return _load_cached(path, config, arch, in_shape, n_classes)
+    except Exception as e:
+        if warn:
+            warnings.warn(f"model cache file {path} is unusable ({e}); retraining", stacklevel=3)
+        return None
+
+
+def _layout_hash(model: nn.Module) -> str:
+    """Hash of the state-dict names and shapes: changes whenever the architecture changes."""
+    layout = [(k, list(v.shape)) for k, v in sorted(model.state_dict().items())]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
 def _test_accuracy(model: nn.Module, dataset: str) -> float | None:

@@ -77,7 +77,8 @@ def first_crossing(
     A grid t_j = j * max_radius / n_grid, j = 1..n_grid, locates the first grid point outside
     the region; bisection between it and the previous grid point then refines the crossing to
     max_radius / n_grid / 2^n_bisect. A region thinner than one grid step along v can be jumped
-    over (the grid is the resolution of the search).
+    over (the grid is the resolution of the search). Rows are processed in chunks so that at
+    most ``batch_size`` inputs are held at once (at least one row of n_grid points).
 
     Args:
         x: (M, ...) starting points; v: (M, ...) directions (their length is the unit of t; pass
@@ -86,11 +87,24 @@ def first_crossing(
     Returns:
         (M,) float64 distances t * ||v|| in input units; inf where no crossing within max_radius.
     """
+    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
+        raise ValueError(f"n_grid must be an integer >= 1, got {n_grid!r}")
+    if isinstance(n_bisect, bool) or not isinstance(n_bisect, int) or n_bisect < 0:
+        raise ValueError(f"n_bisect must be an integer >= 0, got {n_bisect!r}")
     m = x.shape[0]
-    dev = x.device
-    r = torch.as_tensor(max_radius, dtype=torch.float64, device=dev).expand(m).clone()
-    grid = torch.arange(1, n_grid + 1, dtype=torch.float64, device=dev) / n_grid  # (G,)
-    ts = r.unsqueeze(1) * grid.unsqueeze(0)  # (M, G)
+    r = torch.as_tensor(max_radius, dtype=torch.float64, device=x.device).expand(m).clone()
+    rows = max(1, batch_size // n_grid)
+    parts = [_crossing_chunk(model, x[s:s + rows], v[s:s + rows], label[s:s + rows], r[s:s + rows],
+                             n_grid, n_bisect, batch_size, counter) for s in range(0, m, rows)]
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+    return out * v.flatten(1).double().norm(dim=1)
+
+
+def _crossing_chunk(model, x, v, label, r, n_grid, n_bisect, batch_size, counter) -> Tensor:
+    """first_crossing for one chunk of rows; returns t (not yet scaled by ||v||)."""
+    m = x.shape[0]
+    grid = torch.arange(1, n_grid + 1, dtype=torch.float64, device=x.device) / n_grid  # (G,)
+    ts = r.unsqueeze(1) * grid.unsqueeze(0)  # (m, G)
     pts = x.unsqueeze(1) + ts.to(x.dtype).view(m, n_grid, *([1] * (x.dim() - 1))) * v.unsqueeze(1)
     pred = predict(model, pts.reshape(m * n_grid, *x.shape[1:]), batch_size=batch_size,
                    counter=counter).view(m, n_grid)
@@ -101,16 +115,14 @@ def first_crossing(
     lo = torch.where(first > 0, hi - r / n_grid, torch.zeros_like(r))
     act = found.nonzero().squeeze(1)
     lo_a, hi_a = lo[act], hi[act]
-    for _ in range(n_bisect):
-        if act.numel() == 0:
-            break
+    for _ in range(n_bisect if act.numel() else 0):
         mid = (lo_a + hi_a) / 2
         p = predict(model, x[act] + _bcast(mid.to(x.dtype), x) * v[act], batch_size=batch_size, counter=counter)
         out = p != label[act]
         hi_a = torch.where(out, mid, hi_a)
         lo_a = torch.where(out, lo_a, mid)
     hi[act] = hi_a
-    return hi * v.flatten(1).double().norm(dim=1)
+    return hi
 
 
 # --------------------------------------------------------------------------- path search
@@ -157,7 +169,11 @@ def _check_sample_pair(x1, x2) -> None:
 
 
 def _push_into(model, pts: Tensor, label: int, deepfool_kwargs: dict, counter: _Counter) -> tuple[Tensor, Tensor]:
-    """Targeted DeepFool: move each point (B, ...) into class ``label``; returns (points, converged)."""
+    """Targeted DeepFool: move each point (B, ...) into class ``label``; returns (points, converged).
+
+    Unrefined by default (``refine=False``): the point lands past the boundary by the overshoot
+    (2 % of the perturbation), not on it, so that segments from it are not born grazing the
+    boundary. ``deepfool_kwargs`` override these defaults."""
     from .deepfool import deepfool
 
     kw = {"p": 2, "overshoot": 0.02, "max_iter": 50, "refine": False}
@@ -452,6 +468,8 @@ class RandomDirectionResult:
         out["sqrt_d"] = self.sqrt_d
         out["flat_reference"] = math.sqrt(math.pi / 2) * self.sqrt_d
         out["frac_not_found"] = float(np.mean(~np.isfinite(r))) if r.size else float("nan")
+        # median counting not-found directions as "beyond the range" (inf), not dropping them
+        out["median_censored"] = float(np.median(r)) if r.size else float("nan")
         return out
 
 

@@ -286,14 +286,18 @@ def test_clamp_keeps_box(cnn, digits):
 
 
 def test_seeded_retries_deterministic(mlp, digits):
-    x = digits[0][1600:1632]
-    a = deepfool(mlp, x, max_iter=1, noise_retries=2, seed=3)
-    b = deepfool(mlp, x, max_iter=1, noise_retries=2, seed=3)
-    assert (a.retries > 0).any()
+    x = digits[0][1600:1664]
+    kw = dict(max_iter=1, overshoot=0.0, noise_retries=2, noise_scale=0.5)
+    a = deepfool(mlp, x, seed=3, **kw)
+    b = deepfool(mlp, x, seed=3, **kw)
+    retried = (a.retries > 0) & a.converged
+    assert retried.any()
     assert torch.equal(a.margin, b.margin) and torch.equal(a.perturbation, b.perturbation)
     assert torch.equal(a.retries, b.retries)
-    c = deepfool(mlp, x, max_iter=1, noise_retries=2, seed=4)
-    assert not torch.equal(a.perturbation, c.perturbation)
+    c = deepfool(mlp, x, seed=4, **kw)
+    assert not torch.equal(a.perturbation[retried], c.perturbation[retried])
+    with torch.no_grad():
+        assert (mlp(x[retried] + a.perturbation[retried]).argmax(1) != a.orig_label[retried]).all()
 
 
 def test_model_left_unchanged(digits):

@@ -60,43 +60,40 @@ def test_two_processes_equal_one(tmp_path, tiny, capsys):
     # same pairs, labels, predictions, iterations; margins equal up to float32 batch rounding
     assert torch.equal(a.predictions, b.predictions) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.iterations, b.iterations) and torch.equal(a.adv_labels, b.adv_labels)
-    torch.testing.assert_close(a.margins, b.margins, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.margins, b.margins, rtol=3e-5, atol=0)  # thread counts differ
     meta_a = {k: v for k, v in a.meta.items() if k != "versions"}
     meta_b = {k: v for k, v in b.meta.items() if k != "versions"}
     assert meta_a == meta_b
     assert not any(p.name.startswith("scan.sqlite.part") for p in two.iterdir())  # parts merged, removed
-    # resuming the merged store with 2 processes recomputes nothing; without --resume it is refused
+
+
+@pytest.mark.slow
+def test_two_process_resume_and_refusal(tmp_path, tiny):
+    """A killed 2-process run leaves part stores: resume merges them and computes only the rest."""
+    two = tmp_path / "two"
+    assert _torchrun(tmp_path, two).returncode == 0
+    b = MarginScan.load(two / "scan.sqlite")
+    final = two / "scan.sqlite"
+    final.rename(two / "reference.sqlite")
+    ResultStore(final, mode="create", meta=b.meta).close()
+    pairs = b.to_dataframe()
+    for rank in (0, 1):
+        with ResultStore(part_path(final, rank, 2), mode="create", meta=b.meta) as st:
+            batch = (pairs["sample"] * 3 + pairs["subspace"]) // 8  # the fixed batch grid
+            mine = pairs[(batch % 2 == rank) & (batch < 3)]  # batches 0-2 = samples 0-7 were done
+            smp = mine["sample"].unique()
+            st.write_samples(smp, b.labels[smp].numpy(), b.predictions[smp].numpy())
+            fake = mine["margin"] * 0 + 123.0  # marks pairs that must be copied, not recomputed
+            st.write_pairs(mine["sample"], mine["subspace"], fake, mine["raw_margin"],
+                           mine["iterations"], mine["converged"], mine["adv_label"])
     refused = _torchrun(tmp_path, two)
-    assert refused.returncode != 0 and "--resume" in refused.stderr
+    assert refused.returncode != 0 and "--resume" in refused.stderr  # never overwrite
     again = _torchrun(tmp_path, two, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert MarginScan.load(two / "scan.sqlite") == b
-
-
-def test_parts_resume_into_final(tmp_path, tiny, capsys):
-    """A killed 2-process run leaves part stores; a resumed run merges them without recomputing."""
-    out = tmp_path / "res"
-    assert cli.main(_args(out)) == 0  # reference, then fake a crash: split its pairs into parts
-    capsys.readouterr()
-    final = out / "scan.sqlite"
-    ref = MarginScan.load(final)
-    meta = ref.meta
-    final.rename(out / "reference.sqlite")
-    ResultStore(final, mode="create", meta=meta).close()
-    pairs = ref.to_dataframe()
-    for rank in (0, 1):
-        with ResultStore(part_path(final, rank, 2), mode="create", meta=meta) as st:
-            mine = pairs[(pairs["sample"] % 2 == rank) & (pairs["sample"] < 10)]
-            st.write_samples(mine["sample"].unique(), ref.labels[mine["sample"].unique()].numpy(),
-                             ref.predictions[mine["sample"].unique()].numpy())
-            st.write_pairs(mine["sample"], mine["subspace"], mine["margin"], mine["raw_margin"],
-                           mine["iterations"], mine["converged"], mine["adv_label"])
-    run = _torchrun(tmp_path, out, "--resume")
-    assert run.returncode == 0, run.stderr[-3000:]
     got = MarginScan.load(final)
-    assert got.complete
-    torch.testing.assert_close(got.margins[:10], ref.margins[:10], rtol=0, atol=0)  # copied, not recomputed
-    torch.testing.assert_close(got.margins, ref.margins, rtol=1e-5, atol=0)
+    assert got.complete and not any(p.name.startswith("scan.sqlite.part") for p in two.iterdir())
+    assert bool((got.margins[:8] == 123.0).all())
+    torch.testing.assert_close(got.margins[8:], b.margins[8:], rtol=0, atol=0)
 
 
 def test_world_from_env(monkeypatch):

@@ -178,7 +178,7 @@ def test_resume_after_exception_skips_done_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(margins_mod, "_engine", lambda: real)
     resumed = margin_scan(model, x, "dct:K=4,T=2", batch_size=4, store=path, resume=True, progress=False)
     assert resumed.complete
-    torch.testing.assert_close(resumed.margins, full.margins, rtol=1e-9, atol=0)
+    assert torch.equal(resumed.margins, full.margins) and torch.equal(resumed.iterations, full.iterations)
 
 
 _KILL_SCRIPT = """
@@ -239,7 +239,7 @@ def test_resume_after_sigkill(tmp_path):
         pairs = st.read_pairs()
     assert len(pairs["sample"]) == 120 == len(set(zip(pairs["sample"], pairs["subspace"])))
     full = margin_scan(model, x, "dct:K=4,T=1", batch_size=5, progress=False)
-    torch.testing.assert_close(resumed.margins, full.margins, rtol=1e-9, atol=0)
+    assert torch.equal(resumed.margins, full.margins)  # same batch grid: same numbers
     assert torch.equal(resumed.iterations, full.iterations)
 
 

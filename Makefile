@@ -1,0 +1,71 @@
+# pyboundary: one-command setup and checks. Every target is idempotent (done steps are skipped).
+#   make test        venv + pinned CPU torch + requirements + build, then the test suite
+#   make demo        same setup, then `pyboundary demo`
+#   make bench       same setup, then the benchmarks (pytest-benchmark)
+#   make cuda-check  compile the CUDA kernels against a CUDA torch in a second venv (no GPU needed)
+#   make cmake-check configure + build CMakeLists.txt against the venv's torch
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+VPIP := $(VPY) -m pip
+TORCH_PIN ?= torch==2.13.0
+PIP_QUIET ?= -q
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu)
+
+.PHONY: test demo bench setup data cuda-check cmake-check ci clean-build
+
+test: setup data
+	@rc=0; $(VPY) -m pytest || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+demo: setup data
+	$(VENV)/bin/pyboundary demo
+
+bench: setup data
+	$(VPY) -m pytest benchmarks -o python_files='bench_*.py' \
+	  --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+
+setup: $(VENV)/.pyboundary-built
+
+# 1. the venv, 2. torch FIRST and pinned (an unpinned torch pulls a 5 GB CUDA build).
+$(VENV)/.torch:
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPIP) install $(PIP_QUIET) --upgrade pip
+	$(VPIP) install $(PIP_QUIET) "$(TORCH_PIN)"
+	touch $@
+
+# 3. build tools and requirements including the test extras (torch stays as installed).
+$(VENV)/.deps: $(VENV)/.torch pyproject.toml
+	$(VPIP) install $(PIP_QUIET) "setuptools>=64" wheel ninja "$(TORCH_PIN)" \
+	  numpy scipy tqdm matplotlib pytest pytest-benchmark scikit-learn pandas
+	touch $@
+
+# 4. build the ops library and install the package in editable mode (rebuilt when csrc changes).
+$(VENV)/.pyboundary-built: $(VENV)/.deps setup.py $(CSRC)
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPIP) install $(PIP_QUIET) --no-build-isolation --no-deps -e .
+	$(VPY) -c "import pyboundary.ops as o, sys; b = o.backend(); print('pyboundary ops:', b); sys.exit(b['ops'] != 'compiled')"
+	touch $@
+
+# Fashion-MNIST from Debian (dataset-fashion-mnist), when missing and we are root.
+data:
+	@if [ -d "$(FMNIST_DIR)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist) \
+	    || echo "make: WARNING: could not install dataset-fashion-mnist; tests that need it will skip" >&2; \
+	else \
+	  echo "make: WARNING: $(FMNIST_DIR) missing and not root; run: apt-get install dataset-fashion-mnist" >&2; \
+	fi
+
+cuda-check:
+	bash .ci/cuda_check.sh
+
+cmake-check: setup
+	PYTHON=$(VPY) bash .ci/cmake_check.sh
+
+ci:
+	bash .ci/run
+
+clean-build:
+	rm -rf build pyboundary/_C*.so $(VENV)/.pyboundary-built
