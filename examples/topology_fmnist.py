@@ -24,8 +24,11 @@ from pyboundary.subspaces import DCTDiagonal, DCTGrid
 
 
 def _load(work: Path, name: str):
-    model = models.build("lenet", (1, 28, 28), 10)
-    model.load_state_dict(torch.load(work / f"{name}.pt", weights_only=True))
+    state = torch.load(work / f"{name}.pt", weights_only=True)
+    # rebuild with the widths stored in the checkpoint (the default width may have changed)
+    model = models.build("lenet", (1, 28, 28), 10, width=state["features.0.weight"].shape[0],
+                         hidden=state["classifier.1.weight"].shape[0])
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -41,8 +44,15 @@ def topology_block(model, x, args) -> dict:
         res, sec = _timed(topology.path_connectivity, model, x, scenario=scen, n_pairs=args.n_pairs,
                           seed=0, max_depth=args.max_depth, n_check=args.n_check)
         ratios = np.array(res["ratios"])
+        # independent re-check of every valid path with 16x denser sampling of its segments
+        dense = []
+        for r in res["results"]:
+            if r.valid:
+                a, b = r.anchors[:-1], r.anchors[1:]
+                with torch.no_grad():
+                    dense.append(bool(topology._segments_ok(model, a, b, r.label, 16 * args.n_check, 1024, None).all()))
         out[scen] = {"n_pairs": res["n_pairs"], "n_skipped": res["n_skipped"], "n_valid": res["n_valid"],
-                     "rate": res["rate"], "ratio_median": float(np.median(ratios)) if ratios.size else None,
+                     "rate": res["rate"], "dense_valid": int(sum(dense)), "ratio_median": float(np.median(ratios)) if ratios.size else None,
                      "ratio_max": float(ratios.max()) if ratios.size else None,
                      "anchors_median": float(np.median([r.anchors.shape[0] for r in res["results"]])),
                      "calls_median": float(np.median([r.n_calls for r in res["results"]])),
@@ -58,7 +68,8 @@ def topology_block(model, x, args) -> dict:
         conv[c] = r.probability.tolist()
     out["convex"] = {"per_class": conv, "mean": np.mean(list(conv.values()), axis=0).tolist()}
     print("convex", out["convex"]["mean"], flush=True)
-    rd, sec = _timed(topology.random_direction_robustness, model, x[: args.n_random], n_directions=20, seed=0)
+    rd, sec = _timed(topology.random_direction_robustness, model, x[: args.n_random], n_directions=20, seed=0,
+                     n_bisect=12)
     out["random_direction"] = dict(rd.summary(), seconds=sec)
     print("random", out["random_direction"], flush=True)
     return out
@@ -74,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-check", type=int, default=16)
     ap.add_argument("--n-region", type=int, default=100)
     ap.add_argument("--n-trials", type=int, default=300)
-    ap.add_argument("--n-random", type=int, default=100)
+    ap.add_argument("--n-random", type=int, default=50)
     ap.add_argument("--n-bands", type=int, default=500)
     ap.add_argument("--parts", default="topology,bands,masks,finetune")
     ap.add_argument("--threads", type=int, default=1)

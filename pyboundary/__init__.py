@@ -35,11 +35,16 @@ _EXPORTS = {
     "Directions": "subspaces",
     "FullSpace": "subspaces",
     "parse_subspaces": "subspaces",
+    # data and models
+    "load_dataset": "data",
+    "reference_model": "models",
+    "load_model": "models",
     # margin scans
     "margin_scan": "margins",
     "MarginScan": "margins",
     "dct_flip": "transforms",
     "dct_lowpass": "transforms",
+    "ResultStore": "store",
     # curvature and detection
     "principal_curvatures": "curvature",
     "mean_curvature": "curvature",

@@ -135,12 +135,17 @@ def _engine_options(args) -> dict:
     return {"candidates": args.candidates, "max_iter": args.max_iter, "overshoot": args.overshoot}
 
 
-def _prepare_out(out: str, resume: bool) -> Path:
+def _prepare_out(out: str, resume: bool, check_existing: bool = True) -> Path:
+    """The store path in the --out folder (created); refuses an existing scan without --resume.
+
+    Under torchrun only rank 0 checks (the others could otherwise see the store rank 0 has just
+    created); rank 0 refuses again when it creates the store.
+    """
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out!r} exists and is not a folder")
     store = out_dir / STORE_NAME
-    if store.exists() and not resume:
+    if check_existing and store.exists() and not resume:
         raise UsageError(f"{str(store)!r} already holds a scan; pass --resume to continue it, "
                          "or choose another --out (results are never overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,10 +157,10 @@ def _run_scan(model, ds, subspaces: str, args, model_name: str):
     from . import distributed
     from .margins import margin_scan
 
-    store = _prepare_out(args.out, args.resume)
+    env = distributed.world_from_env()
+    store = _prepare_out(args.out, args.resume, check_existing=env is None or env[0] == 0)
     dev = _device(args.device)
     kwargs = dict(p=args.p, batch_size=args.batch_size, model_name=model_name, **_engine_options(args))
-    env = distributed.world_from_env()
     if env is not None:
         rank, world, local = env
         if dev == "cuda":

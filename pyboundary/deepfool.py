@@ -17,6 +17,11 @@ Algorithm (per chunk of ``batch_size`` samples, all samples of a chunk in one ba
    steps, each evaluating two points t_est -/+ tol*hi/4 in one forward pass, with bisection when a
    round does not halve the bracket, until (hi - lo) <= tol * hi. The reported perturbation is
    hi * delta (still adversarial), the margin its norm; the DeepFool norm is kept as raw_margin.
+   With ``clamp=(lo, hi)`` (whole space only) the iterate is clamp(x0 + (1 + overshoot) r) and the
+   state r is projected after each step so that it equals the realised perturbation (the part the
+   box cuts off is dropped, as in adv-lib); the step gets an extra push of 1e-4 logits past the
+   linearised boundary (as foolbox). Clipping costs iterations (~10 instead of ~2-3 on a
+   Fashion-MNIST CNN) and gives larger margins.
 4. Failures (``max_iter`` steps without a label change) get ``converged=False`` and margin inf.
    ``noise_retries`` restarts them from a seeded Gaussian start in the subspace.
 
@@ -65,7 +70,10 @@ DEFAULT_GRAD_STRATEGY = {"cpu": "loop", "cuda": "batched"}
 DEFAULT_NOISE_SCALE = 1e-2
 _MAX_REFINE_ROUNDS = 60
 #: Refinement treats scores within this many ulps of the largest |logit| as "not adversarial".
-_NOISE_ULPS = 64
+_NOISE_ULPS = 16
+#: With clamp, extra push past the linearised boundary in logit units (as foolbox): the box cuts
+#: off part of every step, so the iterates creep up to the boundary and need a finite push.
+_CLAMP_PUSH = 1e-4
 
 
 @dataclass
@@ -391,81 +399,97 @@ def _select_slots(ctx: _Ctx, ch: _Chunk, a: Tensor, gap_all: Tensor, first: bool
     return order, keep.gather(1, order), keep
 
 
+def _mark_flips(ctx: _Ctx, ch: _Chunk, a: Tensor, lg: Tensor, it: int, first_attempt: bool) -> Tensor:
+    """Record the rows a whose label changed at this forward; returns the positions still active."""
+    if it == 0 and first_attempt:
+        _init_refs(ctx, ch, a, lg)
+        ch.s_clean[a] = _score(lg, ch.ref[a], None if ch.target is None else ch.target[a])
+        mis = ch.mis[a]
+        if bool(mis.any()):
+            ch.done[a[mis]] = True
+            ch.conv[a[mis]] = True
+            ch.adv[a[mis]] = lg.argmax(1)[mis]
+    tgt = None if ch.target is None else ch.target[a]
+    score = _robust_score(lg, ch.ref[a], tgt)
+    flipped = (score > 0) & ~ch.done[a]
+    if bool(flipped.any()):
+        f = a[flipped]
+        ch.done[f] = True
+        ch.conv[f] = True
+        ch.iters[f] = it
+        ch.adv[f] = lg.argmax(1)[flipped]
+        ch.s_flip[f] = score[flipped]
+    return (~ch.done[a]).nonzero().squeeze(1)
+
+
+def _candidate_gaps(ch: _Chunk, ar: Tensor, logits: Tensor) -> Tensor:
+    """(n, J) f_c - f_ref for the candidates of rows ar (<= 0 while the label holds)."""
+    if ch.target is None:
+        ref_now = ch.ref[ar]
+    else:
+        ref_now = logits.detach().scatter(1, ch.target[ar].unsqueeze(1), -math.inf).argmax(1)
+    return logits.gather(1, ch.cand[ar]) - logits.gather(1, ref_now.unsqueeze(1))
+
+
+def _remember_norms(ch: _Chunk, ar: Tensor, norms: Tensor, slots, mask) -> None:
+    """Store the candidates' gradient dual norms (only the computed slots) for pruning."""
+    if ch.gnorm is None:
+        ch.gnorm = torch.full(ch.cand.shape, math.inf, dtype=norms.dtype, device=norms.device)
+    if slots is None:
+        ch.gnorm[ar] = norms
+        return
+    old = ch.gnorm[ar]
+    computed = torch.zeros_like(old, dtype=torch.bool).scatter(1, slots, mask)
+    ch.gnorm[ar] = torch.where(computed, old.scatter(1, slots, norms), old)
+
+
+def _step(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, gap_all: Tensor, first: bool):
+    """Gradients of the (kept) candidate gaps, their coordinates, the select and the update of r."""
+    slots, mask, keep = _select_slots(ctx, ch, ar, gap_all.detach(), first)
+    gap = gap_all if slots is None else gap_all.gather(1, slots)
+    ctx.trace[-1] = (ctx.trace[-1][0], gap.shape[1])
+    g = _gradients(ctx, xa, gap, mask)[:, rows].transpose(0, 1)  # (n, J', ...)
+    n, Jp = g.shape[:2]
+    with torch.no_grad():
+        gc = ctx.space._analysis(g.reshape((n * Jp,) + g.shape[2:]), ch.idx[ar].repeat_interleave(Jp))
+        gc = gc.reshape(n, Jp, -1)
+        ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
+        _remember_norms(ch, ar, _dual_norm(gc, ctx.p), slots, mask)
+        gd = gap.detach() - (_CLAMP_PUSH if ctx.clamp is not None else 0.0)
+        if keep is not None and ctx.prune == "audit":
+            _, full_idx, _ = ops.deepfool_select(gd, gc, ctx.p)
+            step, idx_p, _ = ops.deepfool_select(gd, gc * keep.unsqueeze(2).to(gc.dtype), ctx.p)
+            ctx.prune_choices += n
+            ctx.prune_mismatch += int((idx_p != full_idx).sum())
+        else:
+            step, _, _ = ops.deepfool_select(gd, gc, ctx.p)
+        r_new = ch.r[ar] + step
+        if ctx.clamp is not None:
+            # keep the state equal to the realised perturbation: the part of the accumulated
+            # perturbation that the box cuts off is dropped (projected iterate, as in adv-lib)
+            scale = 1.0 + ctx.overshoot
+            x0f = ch.x0[ar].reshape(n, -1)
+            r_new = ((x0f + scale * r_new).clamp(*ctx.clamp) - x0f) / scale
+        ch.r[ar] = r_new
+
+
 def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
     """Run DeepFool iterations for rows a of the chunk (their r already initialised)."""
     scale = 1.0 + ctx.overshoot
-    space, p = ctx.space, ctx.p
     for it in range(ctx.max_iter + 1):
         if a.numel() == 0:
             return
         with torch.no_grad():
-            delta = scale * space._synthesis(ch.r[a], ch.idx[a])
-            xa = _point(ctx, ch.x0[a], delta)
+            xa = _point(ctx, ch.x0[a], scale * ctx.space._synthesis(ch.r[a], ch.idx[a]))
         xa.requires_grad_(True)
         logits = _forward(ctx, xa)
         ch.fwd[a] += 1
-        lg = logits.detach()
-        if it == 0 and first_attempt:
-            _init_refs(ctx, ch, a, lg)
-            ch.s_clean[a] = _score(lg, ch.ref[a], None if ch.target is None else ch.target[a])
-            mis = ch.mis[a]
-            if bool(mis.any()):
-                ch.done[a[mis]] = True
-                ch.conv[a[mis]] = True
-                ch.adv[a[mis]] = lg.argmax(1)[mis]
-        pred = lg.argmax(1)
-        tgt = None if ch.target is None else ch.target[a]
-        score = _robust_score(lg, ch.ref[a], tgt)
-        flipped = (score > 0) & ~ch.done[a]
-        if bool(flipped.any()):
-            f = a[flipped]
-            ch.done[f] = True
-            ch.conv[f] = True
-            ch.iters[f] = it
-            ch.adv[f] = pred[flipped]
-            ch.s_flip[f] = score[flipped]
-        rows = (~ch.done[a]).nonzero().squeeze(1)
+        rows = _mark_flips(ctx, ch, a, logits.detach(), it, first_attempt)
         if it == ctx.max_iter or rows.numel() == 0:
             ch.iters[a[rows]] = ctx.max_iter
             return
         ar = a[rows]
-        lr = logits[rows]
-        if ch.target is None:
-            ref_now = ch.ref[ar]
-        else:
-            ref_now = lg[rows].scatter(1, ch.target[ar].unsqueeze(1), -math.inf).argmax(1)
-        f_ref = lr.gather(1, ref_now.unsqueeze(1))
-        gap_all = lr.gather(1, ch.cand[ar]) - f_ref  # (n, J), <= 0
-        slots, mask, keep = _select_slots(ctx, ch, ar, gap_all.detach(), first=it == 0)
-        gap = gap_all if slots is None else gap_all.gather(1, slots)
-        ctx.trace[-1] = (ctx.trace[-1][0], gap.shape[1])
-        g = _gradients(ctx, xa, gap, mask)  # (J', rows_all, ...)
-        g = g[:, rows].transpose(0, 1)  # (n, J', ...)
-        n, Jp = g.shape[:2]
-        with torch.no_grad():
-            gc = space._analysis(g.reshape((n * Jp,) + g.shape[2:]), ch.idx[ar].repeat_interleave(Jp))
-            gc = gc.reshape(n, Jp, -1)
-            ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
-            norms = _dual_norm(gc, p)
-            if ch.gnorm is None:
-                ch.gnorm = torch.full(ch.cand.shape, math.inf, dtype=gc.dtype, device=gc.device)
-            if slots is None:
-                ch.gnorm[ar] = norms
-            else:
-                upd = ch.gnorm[ar].scatter(1, slots, norms)
-                ch.gnorm[ar] = torch.where(
-                    torch.zeros_like(upd, dtype=torch.bool).scatter(1, slots, mask), upd, ch.gnorm[ar]
-                )
-            gd = gap.detach()
-            if keep is not None and ctx.prune == "audit":
-                _, full_idx, _ = ops.deepfool_select(gd, gc, p)
-                gc = gc * keep.unsqueeze(2).to(gc.dtype)
-                step, idx_p, _ = ops.deepfool_select(gd, gc, p)
-                ctx.prune_choices += n
-                ctx.prune_mismatch += int((idx_p != full_idx).sum())
-            else:
-                step, _, _ = ops.deepfool_select(gd, gc, p)
-            ch.r[ar] += step
+        _step(ctx, ch, ar, xa, rows, _candidate_gaps(ch, ar, logits[rows]), first=it == 0)
         a = ar
 
 

@@ -345,11 +345,18 @@ class DetectionEvaluation:
         tpr, fpr: detection rate on perturbed, false alarms on clean evaluation inputs.
         auc: ROC AUC (clean evaluation vs perturbed); roc: the :class:`RocCurve`.
         recovery: perturbed inputs whose recovered label is the original prediction, among
-            the flagged ones; recovery_all: the same rule applied to every perturbed input.
+            the flagged ones; recovery_all: the same rule applied to every perturbed input;
+            recovery_nearest: baseline without curvature, the runner-up class (largest other
+            logit) of every perturbed input.
         n_calibration, n_eval, n_perturbed: counts (perturbed: DeepFool converged).
         threshold: the calibrated threshold; margin_median: median DeepFool L2 margin.
         forward_per_input, backward_per_input: model rows per scored input; inputs_per_s: scoring
             throughput; seconds: wall time of the scoring.
+        noise_auc, noise_fpr: control (``noise_control=True``): the evaluation inputs plus random
+            Gaussian noise with the L2 norm of their DeepFool perturbations (labels unchanged) are
+            scored as clean: AUC of those vs the perturbed inputs, and how many of them the
+            threshold flags. A detector that reacts to *any* perturbation, not to the boundary
+            crossing, has noise_auc ~ 0.5 and noise_fpr ~ tpr. NaN when not computed.
         profile_clean, profile_perturbed: (D - 1,) sorted principal curvatures averaged over
             ``profile_samples`` inputs (dense), or None.
     """
@@ -360,6 +367,7 @@ class DetectionEvaluation:
     auc: float
     recovery: float
     recovery_all: float
+    recovery_nearest: float
     n_calibration: int
     n_eval: int
     n_perturbed: int
@@ -371,13 +379,15 @@ class DetectionEvaluation:
     seconds: float
     roc: RocCurve
     params: dict
+    noise_auc: float = float("nan")
+    noise_fpr: float = float("nan")
     profile_clean: np.ndarray | None = None
     profile_perturbed: np.ndarray | None = None
 
     def summary(self) -> dict:
-        keys = ("accuracy", "tpr", "fpr", "auc", "recovery", "recovery_all", "n_calibration", "n_eval",
+        keys = ("accuracy", "tpr", "fpr", "auc", "recovery", "recovery_all", "recovery_nearest", "n_calibration", "n_eval",
                 "n_perturbed", "threshold", "margin_median", "forward_per_input", "backward_per_input",
-                "inputs_per_s", "seconds")
+                "inputs_per_s", "seconds", "noise_auc", "noise_fpr")
         return {k: getattr(self, k) for k in keys} | {"params": self.params}
 
 
@@ -394,6 +404,7 @@ def evaluate_detection(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     profile_samples: int = 0,
+    noise_control: bool = True,
     deepfool_kwargs: dict | None = None,
 ) -> DetectionEvaluation:
     """Evaluate the curvature detector on clean inputs and their DeepFool-perturbed copies.
@@ -405,6 +416,7 @@ def evaluate_detection(
         overshoot: DeepFool overshoot (unrefined DeepFool, L2, as in the published experiments).
         seed: seeds the calibration/evaluation split and the detector's directions.
         profile_samples: inputs of each kind for the dense curvature profile (0 = none).
+        noise_control: also score noise-perturbed clean inputs (see ``noise_auc``).
         deepfool_kwargs: extra arguments for :func:`pyboundary.deepfool`.
     Returns:
         :class:`DetectionEvaluation`.
@@ -436,14 +448,26 @@ def evaluate_detection(
     clean_s = det.score_details(ev)
     pert_s = det.score_details(pert)
     seconds = time.perf_counter() - t0
+    scored, n_fw, n_bw = det.n_scored, det.n_forward, det.n_backward
     t = det.threshold_
     clean_flag = clean_s.score > t
     pert_flag = pert_s.score > t
     recovered = pert_s.class_scores.nan_to_num(-math.inf).argmax(1)
     hit = recovered == orig.to(recovered.device)
+    nearest = pert_s.curvature.classes.gather(1, pert_s.curvature.values.argmax(1, keepdim=True)).squeeze(1)
     n_flag = int(pert_flag.sum())
     roc = roc_curve(clean_s.score, pert_s.score)
-    scored = det.n_scored
+    noise_auc = noise_fpr = float("nan")
+    if noise_control:
+        delta = adv.perturbation[ok].to(ev.dtype)
+        gen = make_generator(seed + 1, "cpu")
+        noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype).to(delta.device)
+        flat_n = noise.reshape(noise.shape[0], -1)
+        scale = delta.reshape(delta.shape[0], -1).norm(dim=1) / flat_n.norm(dim=1)
+        noisy = ev[ok] + (flat_n * scale.unsqueeze(1)).reshape(delta.shape)
+        noisy_s = det.score(noisy)
+        noise_auc = auc_score(noisy_s, pert_s.score)
+        noise_fpr = float((noisy_s > t).double().mean())
     profile_clean = profile_pert = None
     if profile_samples > 0:
         m = min(profile_samples, ev.shape[0], pert.shape[0])
@@ -462,16 +486,19 @@ def evaluate_detection(
         auc=roc.auc,
         recovery=float(hit[pert_flag].double().mean()) if n_flag else float("nan"),
         recovery_all=float(hit.double().mean()),
+        recovery_nearest=float((nearest == orig.to(nearest.device)).double().mean()),
         n_calibration=int(cal.shape[0]),
         n_eval=int(ev.shape[0]),
         n_perturbed=int(pert.shape[0]),
         threshold=float(t),
         margin_median=float(margin.median()),
-        forward_per_input=det.n_forward / scored,
-        backward_per_input=det.n_backward / scored,
+        forward_per_input=n_fw / scored,
+        backward_per_input=n_bw / scored,
         inputs_per_s=scored / seconds,
         seconds=seconds,
         roc=roc,
+        noise_auc=noise_auc,
+        noise_fpr=noise_fpr,
         params={"n_dirs": n_dirs, "h": h, "h_rel": h_rel, "fpr_target": fpr, "overshoot": overshoot,
                 "estimator": estimator, "seed": seed},
         profile_clean=profile_clean,
@@ -489,7 +516,10 @@ def format_report(ev: DetectionEvaluation) -> str:
         f"detection accuracy {100 * ev.accuracy:.1f}%  (TPR {100 * ev.tpr:.1f}%, FPR {100 * ev.fpr:.1f}%)  "
         f"AUC {ev.auc:.4f}",
         f"label recovery {100 * ev.recovery:.1f}% of flagged perturbed inputs "
-        f"({100 * ev.recovery_all:.1f}% of all perturbed)",
+        f"({100 * ev.recovery_all:.1f}% of all perturbed; runner-up class baseline "
+        f"{100 * ev.recovery_nearest:.1f}%)",
+        f"noise control (clean + random noise of the same norm): AUC vs perturbed {ev.noise_auc:.4f}, "
+        f"flagged {100 * ev.noise_fpr:.1f}%",
         f"cost: {ev.forward_per_input:.1f} forward + {ev.backward_per_input:.1f} backward rows per input, "
         f"{ev.inputs_per_s:.1f} inputs/s",
     ])

@@ -288,12 +288,15 @@ def train(
 
 @torch.no_grad()
 def predict(model: Callable, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Predicted labels (N,) int64 of ``model`` on x (N, ...), in batches, model left as found."""
+    """Predicted labels (N,) int64 (on CPU) of ``model`` on x (N, ...), in batches of ``batch_size``
+    moved to the model's device; the model is left as found."""
     batch_size = _check_positive_int("batch_size", batch_size)
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = param.device if param is not None else x.device
     out = []
     with model_guard(model):
         for start in range(0, x.shape[0], batch_size):
-            out.append(model(x[start:start + batch_size]).argmax(1).cpu())
+            out.append(model(x[start:start + batch_size].to(device)).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
@@ -382,7 +385,7 @@ def reference_model(
     n_train: int | None = None,
     *,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     progress: bool = True,
     retrain: bool = False,
 ) -> nn.Module:
@@ -394,8 +397,10 @@ def reference_model(
     key = hash of (arch, its parameter names and shapes, data identity, epochs, seed, n_train,
     batch_size, lr, pyboundary version).
     Later calls load it with ``weights_only=True``; an unreadable or mismatching cache file is
-    retrained with a warning. With the defaults (lenet, fashion-mnist, 3 epochs) training takes
-    ~1 minute on 2 CPU cores and reaches ~89-90 % test accuracy.
+    retrained with a warning; concurrent processes wait on a lock file instead of training the
+    same model twice. Recipe: Adam, lr 3e-3, batch 128. With the defaults (lenet, fashion-mnist,
+    3 epochs) training costs ~40 s of CPU time (~1 min on 2 idle cores) and reaches 89.4 % test
+    accuracy; mlp on digits (30 epochs) ~96 %.
 
     Args:
         arch: one of :data:`ARCHS`.
@@ -620,7 +625,9 @@ def _load_arch_file(arch: str, path: str, in_shape, n_classes) -> nn.Module:
 
 def _load_file(path: str) -> nn.Module:
     try:
-        return torch.jit.load(path, map_location="cpu").eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is what we were given
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location="cpu").eval()
     except Exception as jit_error:
         try:
             blob = load_state_file(path)

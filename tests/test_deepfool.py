@@ -381,3 +381,26 @@ def test_bad_inputs(mlp, digits):
         deepfool(mlp, x, p="inf", subspace=d, subspace_index=torch.ones(4, dtype=torch.int64))
     empty = deepfool(mlp, x[:0])
     assert empty.margin.shape == (0,)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(cnn, digits):
+    import copy
+
+    model, x = _affine(seed=7)
+    exact = _closed_form(model, x)
+    res = deepfool(copy.deepcopy(model).cuda(), x.cuda(), tol=1e-10)
+    torch.testing.assert_close(res.margin.cpu(), exact, rtol=1e-6, atol=0)
+    xs = digits[0][1600:1664]
+    cpu = deepfool(cnn, xs, prune=False, refine=False)
+    gpu_cnn = copy.deepcopy(cnn).cuda()
+    for strategy in ("loop", "batched"):
+        gpu = deepfool(gpu_cnn, xs.cuda(), prune=False, refine=False, grad_strategy=strategy)
+        torch.testing.assert_close(gpu.margin.cpu(), cpu.margin, rtol=1e-3, atol=1e-5)
+    sub = DCTDiagonal((1, 8, 8), K=4, T=2)
+    idx = (torch.arange(64) % sub.n_members).cuda()
+    res = deepfool(gpu_cnn, xs.cuda(), subspace=sub, subspace_index=idx)
+    ok = res.converged
+    pert = res.perturbation[ok]
+    outside = pert - sub.project(pert, idx[ok])
+    assert ok.float().mean() > 0.8 and outside.norm() <= 1e-5 * pert.norm()

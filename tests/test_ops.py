@@ -77,7 +77,8 @@ def test_backend_reports_keys():
 
 
 def _run_python(code, env_extra=None, cwd=None):
-    env = dict(os.environ, **(env_extra or {}))
+    env = {k: v for k, v in os.environ.items() if k != "PYBOUNDARY_FORCE_REFERENCE"}
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
         cwd=cwd, timeout=120,
