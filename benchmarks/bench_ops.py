@@ -88,8 +88,13 @@ def test_block_op(benchmark, op, impl, k, shape):
 _BASES: dict = {}
 
 
+def _block_origin(shape, k):
+    """The block projected onto: frequencies [o, o + k) in both directions, o = min(k, H - k)."""
+    return min(k, shape[1] - k, shape[2] - k)
+
+
 def _dense_basis(shape, k):
-    """(C*H*W, C*K^2) float32 basis of the block at origin (k, k) of every channel, the way
+    """(C*H*W, C*K^2) float32 basis of the block at _block_origin of every channel, the way
     published code projects (built with the synthesis op applied to unit coefficients)."""
     key = (shape, k)
     if key not in _BASES:
@@ -97,7 +102,7 @@ def _dense_basis(shape, k):
         c, h, w = shape
         m = c * k * k
         eye = torch.eye(m).view(m, c, k, k)
-        org = torch.full((m,), k, dtype=torch.int64)
+        org = torch.full((m,), _block_origin(shape, k), dtype=torch.int64)
         _BASES[key] = ops.dct_block_synthesis(eye, org, org, h, w).reshape(m, c * h * w).T.contiguous()
     return _BASES[key]
 
@@ -120,7 +125,7 @@ def _project_dense(x, basis):
 def test_block_projection(benchmark, impl, k, shape):
     benchmark.group = f"projection {_ids(shape)} K{k} b{BATCH}"
     x = _images(shape)
-    org = torch.full((BATCH,), k, dtype=torch.int64)
+    org = torch.full((BATCH,), _block_origin(shape, k), dtype=torch.int64)
     if impl == "dense-basis":
         basis = _dense_basis(shape, k)
         want = _project_ops(torch.ops.pyboundary.dct_block_analysis, torch.ops.pyboundary.dct_block_synthesis)(x, org, org, k)

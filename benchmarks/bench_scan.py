@@ -96,12 +96,13 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 2)):
+def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 2),
+            arch="lenet", dataset="fashion-mnist", K=8):
     """Throughput of both methods at each thread count; the speed-up compares the best of each
     (the per-image method is made of tiny ops that often run faster on one thread)."""
-    model = models.reference_model("lenet", "fashion-mnist", progress=False)
-    ds = data.load_dataset("fashion-mnist", split="test", limit=n_ours, seed=0)
-    family = DCTDiagonal(tuple(ds.x.shape[1:]), K=8, T=1)
+    model = models.reference_model(arch, dataset, progress=False)
+    ds = data.load_dataset(dataset, split="test", limit=n_ours, seed=0)
+    family = DCTDiagonal(tuple(ds.x.shape[1:]), K=K, T=1)
     margin_scan(model, ds.x[:4], family, batch_size=batch_size, progress=False)  # warm-up
     before = torch.get_num_threads()
     rows = {}
@@ -117,6 +118,7 @@ def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 
     ok = torch.isfinite(sub) & torch.isfinite(pub)
     best_ours, best_pub = max(r[0] for r in rows.values()), max(r[1] for r in rows.values())
     return {
+        "case": f"{arch} {dataset} {family.spec}",
         "backend": ops.backend()["ops"],
         "pairs_ours": ours.margins.numel(), "pairs_published": pub.numel(),
         "by_threads": {t: {"ours": r[0], "published": r[1]} for t, r in rows.items()},
@@ -127,7 +129,7 @@ def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 
 
 
 def _format(r) -> str:
-    lines = [f"ops backend {r['backend']}; {r['pairs_ours']} pairs (ours), {r['pairs_published']} pairs (published)",
+    lines = [f"{r['case']}, ops backend {r['backend']}; {r['pairs_ours']} pairs (ours), {r['pairs_published']} pairs (published)",
              f"{'threads':>7} {'ours pairs/s':>13} {'published pairs/s':>18} {'ratio':>7}"]
     for t, v in r["by_threads"].items():
         lines.append(f"{t:>7} {v['ours']:13.2f} {v['published']:18.2f} {v['ours'] / v['published']:7.1f}")
@@ -159,5 +161,8 @@ if __name__ == "__main__":
     parser.add_argument("--n-published", type=int, default=N_PUBLISHED)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--arch", default="lenet")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--K", type=int, default=8, help="DCT block size (stride 1)")
     a = parser.parse_args()
-    print(_format(measure(a.n, a.n_published, a.batch_size, tuple(a.threads))))
+    print(_format(measure(a.n, a.n_published, a.batch_size, tuple(a.threads), a.arch, a.dataset, a.K)))

@@ -9,13 +9,33 @@
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <string>
 
 namespace pyboundary {
+
+std::string dtype_name(at::ScalarType t) {
+  // The Python spelling (torch.float32 ...), as in the messages of the pure-torch twins.
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 void check_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a defined tensor");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ",
-                   name, " must be float32 or float64, got ", t.scalar_type());
+                   name, " must be float32 or float64, got ", dtype_name(t.scalar_type()));
 }
 
 void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t dim,
@@ -38,7 +58,7 @@ void check_origins(const char* op, int64_t n, const at::Tensor& row0, const at::
   for (const Axis& a : axes) {
     TORCH_CHECK_TYPE(a.t.defined(), op, ": ", a.name, " must be a defined tensor");
     TORCH_CHECK_TYPE(a.t.scalar_type() == at::kLong, op, ": ", a.name, " must be int64, got ",
-                     a.t.scalar_type());
+                     dtype_name(a.t.scalar_type()));
     TORCH_CHECK_VALUE(a.t.dim() == 1 && a.t.size(0) == n, op, ": ", a.name, " must have shape (",
                       n, ",) (one origin per sample), got ", a.t.sizes());
     TORCH_CHECK_VALUE(a.t.device() == device, op, ": ", a.name, " is on ", a.t.device(),
@@ -71,7 +91,8 @@ bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double
                     gap.sizes(), " in (N, k)");
   TORCH_CHECK_VALUE(gap.size(1) >= 1, op, ": need at least one candidate (k >= 1), got k=0");
   TORCH_CHECK_TYPE(gap.scalar_type() == grad_gap.scalar_type(), op, ": gap (",
-                   gap.scalar_type(), ") and grad_gap (", grad_gap.scalar_type(),
+                   dtype_name(gap.scalar_type()), ") and grad_gap (",
+                   dtype_name(grad_gap.scalar_type()),
                    ") dtypes differ");
   TORCH_CHECK_VALUE(gap.device() == grad_gap.device(), op, ": gap is on ", gap.device(),
                     " but grad_gap is on ", grad_gap.device());

@@ -8,11 +8,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <tuple>
 
 namespace pyboundary {
 
 // ---- validation -------------------------------------------------------------------------
+// Python spelling of a dtype ("torch.float32"), for messages.
+std::string dtype_name(at::ScalarType t);
 // name is "<op>: <argument>".
 void check_float(const char* op, const char* name, const at::Tensor& t);
 // Rank check: t must have exactly (or at least, if at_least) `dim` dimensions.

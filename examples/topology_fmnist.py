@@ -88,13 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n-random", type=int, default=50)
     ap.add_argument("--n-bands", type=int, default=500)
     ap.add_argument("--parts", default="topology,bands,masks,finetune")
+    ap.add_argument("--models", default="standard,pgd")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work, figs = Path(args.work), Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
     test = data.load_dataset("fashion-mnist", "test", limit=args.n_test, seed=1)
-    nets = {name: _load(work, name) for name in ("standard", "pgd") if (work / f"{name}.pt").exists()}
+    nets = {name: _load(work, name) for name in args.models.split(",")
+            if (work / f"{name}.pt").exists()}
     parts = args.parts.split(",")
     path = work / "topology.json"
     result = json.loads(path.read_text()) if path.exists() else {}

@@ -172,6 +172,8 @@ def _run_scan(model, ds, subspaces: str, args, model_name: str):
         return distributed.distributed_scan(model, ds, subspaces, store=store, resume=args.resume, device=dev,
                                             progress=not args.no_progress, **kwargs)
     model = model.to(dev)
+    if args.resume and distributed.leftover_parts(store):
+        print(f"merged {distributed.merge_parts(store)} pairs from the parts of an interrupted multi-process scan")
     return margin_scan(model, ds, subspaces, store=store, resume=args.resume, device=dev,
                        progress=not args.no_progress, **kwargs)
 

@@ -245,7 +245,7 @@ def _second_diff_rows(model, rows, u, hs, shape, scheme, batch_size, cost, base_
     """u^T H_{f_l} u for every logit l: (R, L). u (R, D) unit directions, hs (R,) steps.
 
     central: (f(x + h u) - 2 f(x) + f(x - h u)) / h^2;  forward: (f(x + 2 h u) - 2 f(x + h u)
-    + f(x)) / h^2;  exact: second derivative of t -> f(x + t u) at 0 by nested forward mode.
+    + f(x)) / h^2;  exact: second derivative of t -> f(x + t u) at 0 by reverse mode (4 passes).
     ``base_logits`` (R, L): f(rows) if already known.
     """
     if scheme == "exact":
@@ -264,19 +264,33 @@ def _second_diff_rows(model, rows, u, hs, shape, scheme, batch_size, cost, base_
 
 
 def _exact_second_rows(model, rows, u, shape, batch_size, cost):
-    from torch.func import jvp
+    """u^T H_{f_l} u for all logits by reverse mode only (jvp as a vjp of a vjp, twice).
 
+    J u = d/dv <J^T v, u>, and (d/dx J u) u the same way applied to J u: four reverse passes,
+    no torch.func. Zero where the model has no second-order term (piecewise-linear models).
+    """
+    grad = torch.autograd.grad
     outs = []
     for sl in _chunks(rows.shape[0], batch_size):
-        xb, ub = rows[sl].reshape(-1, *shape), u[sl].reshape(-1, *shape)
-
-        def first(y, ub=ub):
-            return jvp(model, (y,), (ub,))[1]
-
-        with torch.no_grad():
-            second = jvp(first, (xb,), (ub,))[1]
+        xb = rows[sl].detach().clone().requires_grad_(True)
+        ub = u[sl].to(rows.dtype)
+        with torch.enable_grad():
+            out = model(xb.reshape(-1, *shape))
+            check_logits(out, xb.shape[0])
+            v = torch.zeros_like(out, requires_grad=True)
+            (jt_v,) = grad(out, xb, v, create_graph=True)
+            (ju,) = grad(jt_v, v, ub, create_graph=True)
+            second = None
+            if ju.requires_grad:
+                w = torch.zeros_like(ju, requires_grad=True)
+                (jt_w,) = grad(ju, xb, w, create_graph=True, allow_unused=True)
+                if jt_w is not None and jt_w.requires_grad:
+                    (second,) = grad(jt_w, w, ub, allow_unused=True)
+        if second is None:
+            second = torch.zeros_like(out)
         outs.append(second.detach())
-        cost.forward += 3 * xb.shape[0]
+        cost.forward += xb.shape[0]
+        cost.backward += 4 * xb.shape[0]
     return torch.cat(outs).to(rows.dtype)
 
 
@@ -645,22 +659,31 @@ def _unit_e1(n, d, like):
 
 
 def _dense_shape_spectrum(op: _ShapeOperator, normal: Tensor, n: int, d: int):
-    """Full spectrum of S on the tangent space: (N, D-1) ascending values, (N, D-1, D) vectors."""
+    """Full spectrum of S on the tangent space: (N, D-1) ascending values, (N, D-1, D) vectors.
+
+    Samples are processed in chunks of about ``batch_size / D`` (at least one), so the
+    stacked (sample, basis vector) rows stay within a few batches; each sample still needs its
+    D x D Hessian in memory.
+    """
     model, points, hs, pi, pj, shape, scheme, batch_size, cost = op.args
     eye = torch.eye(d, dtype=points.dtype, device=points.device)
-    rows = points.unsqueeze(1).expand(n, d, d).reshape(-1, d)
-    dirs = eye.expand(n, d, d).reshape(-1, d)
-    rep = lambda a: a.repeat_interleave(d)  # noqa: E731
-    g0 = op.g0.repeat_interleave(d, 0) if op.g0 is not None else None
-    cols = _hvp_rows(model, rows, dirs, rep(hs), rep(pi), rep(pj), shape, scheme, batch_size, cost, g0=g0)
-    hess = cols.reshape(n, d, d)  # row c = H e_c (H symmetric up to FD error)
-    hess = 0.5 * (hess + hess.transpose(1, 2))
-    q = _householder_tangent_basis(normal)  # (N, D, D-1)
-    s = -(q.transpose(1, 2) @ hess @ q) / op.gnorm.reshape(n, 1, 1)
-    s = 0.5 * (s + s.transpose(1, 2))
-    vals, y = torch.linalg.eigh(s)
-    vecs = (q @ y).transpose(1, 2)  # (N, D-1, D)
-    return vals, vecs
+    vals, vecs = [], []
+    for sl in _chunks(n, max(1, batch_size // d)):
+        m = points[sl].shape[0]
+        rows = points[sl].unsqueeze(1).expand(m, d, d).reshape(-1, d)
+        dirs = eye.expand(m, d, d).reshape(-1, d)
+        rep = lambda a: a[sl].repeat_interleave(d)  # noqa: E731
+        g0 = op.g0[sl].repeat_interleave(d, 0) if op.g0 is not None else None
+        cols = _hvp_rows(model, rows, dirs, rep(hs), rep(pi), rep(pj), shape, scheme, batch_size, cost, g0=g0)
+        hess = cols.reshape(m, d, d)  # row c = H e_c (H symmetric up to FD error)
+        hess = 0.5 * (hess + hess.transpose(1, 2))
+        q = _householder_tangent_basis(normal[sl])  # (m, D, D-1)
+        s = -(q.transpose(1, 2) @ hess @ q) / op.gnorm[sl].reshape(m, 1, 1)
+        s = 0.5 * (s + s.transpose(1, 2))
+        v, y = torch.linalg.eigh(s)
+        vals.append(v)
+        vecs.append((q @ y).transpose(1, 2))  # (m, D-1, D)
+    return torch.cat(vals), torch.cat(vecs)
 
 
 # --------------------------------------------------------------------------- mean curvature
@@ -802,32 +825,47 @@ def mean_curvature(
                 raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {ref.unique().tolist()}")
         cls = _resolve_classes(classes, logits, ref)
         j = cls.shape[1]
-        rows = flat.unsqueeze(1).expand(n, j, d).reshape(-1, d)
-        ci, cr = cls.reshape(-1), ref.repeat_interleave(j)
-        values, grads = _grad_rows(model, rows, ci, cr, shape, batch_size, cost)
-        gnorm = grads.norm(dim=1)
-        safe = gnorm.clamp_min(torch.finfo(x.dtype).tiny)
-        normal = grads / safe.unsqueeze(1)
-        nan = torch.full((n, j), float("nan"), dtype=x.dtype, device=x.device)
-        hut, hut_se, trace = nan, nan, nan
         u = _random_unit(n, n_dirs, d, x.dtype, x.device, gen)
-        if estimator in ("hutchinson", "both"):
-            hut, hut_se = _hutchinson(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
-        if estimator in ("trace", "both"):
-            trace = _trace_form(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
+        # samples per chunk: (sample, class, direction) rows of a chunk stay within ~batch_size
+        per = max(1, batch_size // (j * (n_dirs if estimator != "trace" else 1)))
+        parts = [
+            _mean_curvature_chunk(model, flat[sl], u[sl], logits[sl], cls[sl], ref[sl], hs[sl], shape, scheme,
+                                  estimator, batch_size, cost)
+            for sl in _chunks(n, per)
+        ]
+    hut, hut_se, trace, gnorm, values = (torch.cat([p[k] for p in parts]) for k in range(5))
     return MeanCurvature(
         classes=cls,
         reference=ref,
         hutchinson=hut,
         hutchinson_se=hut_se,
         trace=trace,
-        grad_norm=gnorm.reshape(n, j),
-        values=values.reshape(n, j),
+        grad_norm=gnorm,
+        values=values,
         h=hs,
         n_dirs=n_dirs,
         n_forward=cost.forward,
         n_backward=cost.backward,
     )
+
+
+def _mean_curvature_chunk(model, flat, u, logits, cls, ref, hs, shape, scheme, estimator, batch_size, cost):
+    """Estimates for one chunk of samples: hutchinson, its se, trace, grad norms, values (each (n, J))."""
+    n, d = flat.shape
+    j = cls.shape[1]
+    rows = flat.unsqueeze(1).expand(n, j, d).reshape(-1, d)
+    ci, cr = cls.reshape(-1), ref.repeat_interleave(j)
+    values, grads = _grad_rows(model, rows, ci, cr, shape, batch_size, cost)
+    gnorm = grads.norm(dim=1)
+    safe = gnorm.clamp_min(torch.finfo(flat.dtype).tiny)
+    normal = grads / safe.unsqueeze(1)
+    nan = torch.full((n, j), float("nan"), dtype=flat.dtype, device=flat.device)
+    hut, hut_se, trace = nan, nan, nan
+    if estimator in ("hutchinson", "both"):
+        hut, hut_se = _hutchinson(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
+    if estimator in ("trace", "both"):
+        trace = _trace_form(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
+    return hut, hut_se, trace, gnorm.reshape(n, j), values.reshape(n, j)
 
 
 def _pair_quad(q: Tensor, i: Tensor, r: Tensor) -> Tensor:

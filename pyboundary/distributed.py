@@ -9,9 +9,10 @@ parts are removed. Because every pair is computed in the same batch as in a sing
 the numbers are those of the single-process scan (bit for bit on the same machine and thread
 settings; tests allow float32 rounding).
 
-Resume: rank 0 validates the final store first (same refusal rules as a single-process scan);
-each rank seeds its part with the pairs already in the final store and resumes its part, so
-neither a merged nor a part-only pair is recomputed.
+Resume: rank 0 validates the final store first (same refusal rules as a single-process scan) and
+merges into it every leftover part (of any earlier world size); each rank then seeds its new part
+with the pairs of the final store and resumes it, so no finished pair is recomputed. A
+single-process ``scan --resume`` also merges leftover parts first.
 
 Process groups: gloo on CPU, nccl on CUDA (each rank on ``cuda:<LOCAL_RANK>``). Errors on any
 rank are gathered and raised on every rank, so no rank waits forever on a failed peer.
@@ -26,7 +27,7 @@ import torch
 
 from .store import ResultStore, remove_store
 
-__all__ = ["world_from_env", "part_path", "distributed_scan", "DistributedScanError"]
+__all__ = ["world_from_env", "part_path", "leftover_parts", "merge_parts", "distributed_scan", "DistributedScanError"]
 
 
 class DistributedScanError(RuntimeError):
@@ -48,6 +49,24 @@ def part_path(final, rank: int, world: int) -> Path:
     """Path of rank ``rank``'s part store next to the final store."""
     final = Path(final)
     return final.with_name(f"{final.name}.part{rank}-of-{world}")
+
+
+def leftover_parts(final) -> list:
+    """Part stores of an interrupted multi-process scan next to ``final`` (any world size)."""
+    final = Path(final)
+    return sorted(p for p in final.parent.glob(f"{final.name}.part*-of-*") if not p.name.endswith(("-wal", "-shm")))
+
+
+def merge_parts(final) -> int:
+    """Merge every leftover part store into ``final`` (created from the parts' metadata if absent),
+    removing each part once merged. A part made with other settings is refused (StoreError).
+    Returns the number of pairs added."""
+    added = 0
+    for part in leftover_parts(final):
+        with ResultStore(final, mode="resume", meta=_meta_of(part)) as st:
+            added += st.merge_from(part)
+        remove_store(part)
+    return added
 
 
 def _init_group(device: str, init_method: str | None, rank: int | None, world: int | None):
@@ -115,6 +134,8 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
                 prep_kwargs = {k: v for k, v in scan_kwargs.items() if k not in ("batch_size",)}
                 meta = prepare_scan(model, data, subspaces, **prep_kwargs)[-1]
                 ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
+                if resume:  # parts of an earlier run, possibly with another number of processes
+                    merge_parts(final)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         _gather_status(error)

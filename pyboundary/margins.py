@@ -16,6 +16,7 @@ engine could not flip has margin +inf and ``converged`` False; it is never avera
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import math
@@ -412,6 +413,7 @@ def margin_scan(
     device=None,
     model_name: str | None = None,
     shard: tuple[int, int] | None = None,
+    channels_last: bool | None = None,
     **engine_options,
 ) -> MarginScan:
     """Margins of every (sample, subspace member) pair, batched through the DeepFool engine.
@@ -436,6 +438,11 @@ def margin_scan(
         shard: (rank, world): scan only the batches b of the fixed batch grid with
             b % world == rank (used by :mod:`pyboundary.distributed`); the returned scan has NaN
             for the other pairs.
+        channels_last: run the engine on a private copy of the model converted to the
+            channels-last memory format, with channels-last inputs (None = automatic: on CPU for
+            an nn.Module with Conv2d layers and 4-D inputs). On CPU this makes the input
+            gradients of convolutions ~2x faster (LeNet: scan throughput x1.45); the numbers
+            agree with the plain layout to float rounding. The caller's model is not changed.
         **engine_options: passed to ``pyboundary.deepfool`` (candidates, overshoot, max_iter,
             refine, tol, clamp, ...); all of them, with the engine's defaults filled in, are
             part of the stored metadata.
@@ -460,7 +467,9 @@ def margin_scan(
             st.write_samples(samples.numpy(), None if y is None else y[samples].numpy(), preds[samples].numpy())
             batches = _drop_done(batches, family.n_members, st)
         acc = _Accumulator(x.shape[0], family.n_members)
-        _run_pairs(model, x, family, batches, params, dev, st, acc, progress)
+        fast = _channels_last_copy(model, x, dev, channels_last)
+        engine_model, layout = (model, torch.contiguous_format) if fast is None else (fast, torch.channels_last)
+        _run_pairs(engine_model, x, family, batches, params, dev, st, acc, progress, layout)
         if st is not None:
             return scan_from_store(st)
         return acc.to_scan(y, preds, family, params["p"], meta)
@@ -532,7 +541,23 @@ class _Accumulator:
                           family.grid_shape, p, meta)
 
 
-def _run_pairs(model, x, family, batches, params, dev, st, acc, progress) -> None:
+def _channels_last_copy(model, x: Tensor, dev, wanted: bool | None):
+    """A channels-last copy of the model for the engine, or None (see margin_scan's channels_last)."""
+    if wanted is False or x.dim() != 4 or not isinstance(model, torch.nn.Module):
+        return None
+    if wanted is None:
+        has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        if torch.device(dev).type != "cpu" or not has_conv:
+            return None
+    try:
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    except Exception as exc:  # noqa: BLE001 - an uncopyable model just runs as given
+        if wanted:
+            raise ValueError(f"channels_last=True: cannot copy/convert the model ({exc})") from None
+        return None
+
+
+def _run_pairs(model, x, family, batches, params, dev, st, acc, progress, layout=torch.contiguous_format) -> None:
     """One engine call per batch of mixed (sample, member) pairs; each batch stored as it finishes."""
     from tqdm.auto import tqdm
 
@@ -543,7 +568,8 @@ def _run_pairs(model, x, family, batches, params, dev, st, acc, progress) -> Non
     try:
         for chunk in batches:
             si, sj = chunk[:, 0], chunk[:, 1]
-            res = deepfool(model, x[si].to(dev), p=params["p"], subspace=family, subspace_index=sj.to(dev), **opts)
+            xb = x[si].to(dev).contiguous(memory_format=layout)
+            res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev), **opts)
             acc.add(si, sj, res)
             if st is not None:
                 st.write_pairs(si.numpy(), sj.numpy(), acc.margins[si, sj].numpy(), acc.raw[si, sj].numpy(),

@@ -211,3 +211,37 @@ def test_detector_errors():
         det.score(bad)
     with pytest.raises(TypeError, match="model must be callable"):
         CurvatureDetector(None)
+
+
+def test_detect_subcommand_through_main_cli(tmp_path, monkeypatch, capsys):
+    cli = pytest.importorskip("pyboundary.cli")
+    import pyboundary.data as data
+    import pyboundary.models as models
+
+    class DS:
+        x = clean_points(8, seed=6)
+        y = torch.zeros(8, dtype=torch.int64)
+
+    monkeypatch.setattr(models, "load_model", lambda spec: TwoParaboloids())
+    monkeypatch.setattr(data, "load_dataset", lambda name, split="test", limit=None, seed=0: DS())
+    code = cli.main(["detect", "--model", "toy", "--data", "toy", "--n", "8", "--n-dirs", "2", "--h-rel", "0.2",
+                     "--profile-samples", "0"])
+    assert code == 0
+    assert "detection accuracy" in capsys.readouterr().out
+    # bad arguments: clear message, exit code 2
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--n", "0"]) == 2
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--fpr", "2"]) == 2
+    assert "fpr must be a float in (0, 1)" in capsys.readouterr().err
+
+
+def test_top_classes_restricts_the_average():
+    model = TwoParaboloids(a=1.5)
+    x = torch.zeros(2, 1, 3, 3)
+    x[:, 0, 0, 0] = 1.05  # class 1; runner-up class 0 (f_0 = 0 > f_2)
+    full = CurvatureDetector(model, n_dirs=16, h=0.1, estimator="hutchinson").score_details(x)
+    top1 = CurvatureDetector(model, n_dirs=16, h=0.1, estimator="hutchinson", top_classes=1).score_details(x)
+    assert bool(torch.isnan(top1.class_scores[:, 2]).all())
+    torch.testing.assert_close(top1.class_scores[:, 0], full.class_scores[:, 0])
+    torch.testing.assert_close(top1.score, full.class_scores[:, 0])  # the average over one class
+    with pytest.raises(ValueError, match="top_classes must be >= 1"):
+        CurvatureDetector(model, top_classes=0)

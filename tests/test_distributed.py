@@ -96,6 +96,33 @@ def test_two_process_resume_and_refusal(tmp_path, tiny):
     torch.testing.assert_close(got.margins[8:], b.margins[8:], rtol=0, atol=0)
 
 
+def test_single_process_resume_merges_leftover_parts(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_args(out)) == 0
+    final = out / "scan.sqlite"
+    ref = MarginScan.load(final)
+    final.rename(out / "reference.sqlite")
+    pairs = ref.to_dataframe()
+    for rank in (0, 1, 2):  # an interrupted 3-process run, resumed by one process
+        with ResultStore(part_path(final, rank, 3), mode="create", meta=ref.meta) as st:
+            batch = (pairs["sample"] * 3 + pairs["subspace"]) // 8
+            mine = pairs[(batch % 3 == rank) & (batch < 3)]
+            st.write_pairs(mine["sample"], mine["subspace"], mine["margin"] * 0 + 123.0, mine["raw_margin"],
+                           mine["iterations"], mine["converged"], mine["adv_label"])
+    capsys.readouterr()
+    assert cli.main(_args(out) + ["--resume"]) == 0
+    assert "merged 24 pairs" in capsys.readouterr().out
+    got = MarginScan.load(final)
+    assert got.complete and not any(p.name.startswith("scan.sqlite.part") for p in out.iterdir())
+    assert bool((got.margins[:8] == 123.0).all())
+    torch.testing.assert_close(got.margins[8:], ref.margins[8:], rtol=0, atol=0)
+    # a part made with other settings is refused, not merged
+    other = dict(ref.meta, subspaces="dct:K=2,T=2")
+    ResultStore(part_path(final, 0, 2), mode="create", meta=other).close()
+    assert cli.main(_args(out) + ["--resume"]) == 2
+    assert "subspaces" in capsys.readouterr().err
+
+
 def test_world_from_env(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert world_from_env() is None

@@ -272,3 +272,17 @@ def test_bad_arguments():
         margin_scan(model, [1, 2], "dct:K=4", progress=False)
     with pytest.raises(ValueError, match="resume"):
         margin_scan(model, x, "dct:K=4", resume=True, progress=False)
+
+
+def test_channels_last_copy_same_margins_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 5)).double()
+    model.train()
+    x = _data(n=6)
+    weight = model[0].weight
+    fast = margin_scan(model, x, "dct:K=4,T=2", channels_last=True, progress=False)
+    plain = margin_scan(model, x, "dct:K=4,T=2", channels_last=False, progress=False)
+    torch.testing.assert_close(fast.margins, plain.margins, rtol=1e-6, atol=0)
+    assert model[0].weight is weight and weight.is_contiguous() and model.training  # caller's model as found
+    assert all(p.requires_grad for p in model.parameters()) and weight.grad is None
+    assert fast.meta["model"] == plain.meta["model"]
