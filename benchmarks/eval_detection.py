@@ -38,13 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-h-rel", type=float, default=0.05, help="setting whose plots are written")
     ap.add_argument("--profile-samples", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the test subset and of the split")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     model = models.reference_model("lenet", "fashion-mnist", progress=False)
     meta = getattr(model, "pyboundary_meta", {})
-    ds = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0)
+    ds = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=args.data_seed)
     print(f"model lenet/fashion-mnist weights {meta.get('weights_hash')} test accuracy {meta.get('test_accuracy')}; "
           f"{ds.x.shape[0]} test inputs; T={args.n_dirs}, estimator={args.estimator}")
     header = ("h_rel", "h(median)", "acc", "TPR", "FPR", "AUC", "recov", "recov_all", "runner-up", "noiseAUC",
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         plot = h_rel == args.plot_h_rel and args.out
         ev = detection.evaluate_detection(model, ds.x, n_dirs=args.n_dirs, h_rel=h_rel, estimator=args.estimator,
-                                          fpr=0.05, overshoot=0.02, seed=0,
+                                          fpr=0.05, overshoot=0.02, seed=args.data_seed,
                                           profile_samples=args.profile_samples if plot else 0)
         h_med = h_rel * float(ds.x.flatten(1).norm(dim=1).median())
         row = (h_rel, h_med, ev.accuracy, ev.tpr, ev.fpr, ev.auc, ev.recovery, ev.recovery_all, ev.recovery_nearest,

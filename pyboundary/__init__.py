@@ -50,6 +50,7 @@ _EXPORTS = {
     "mean_curvature": "curvature",
     "shared_curved_directions": "curvature",
     "relative_curvature": "curvature",
+    "hessian_vector_product": "curvature",
     "CurvatureDetector": "detection",
     # dynamics and topology
     "MarginTracker": "tracking",

@@ -46,7 +46,7 @@ the model are returned as the cost (``n_forward``, ``n_backward``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -330,9 +330,10 @@ def hessian_vector_product(
     check_finite("v", v)
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
     single = tuple(v.shape) == tuple(x.shape)
-    vv = v.reshape(n, 1, d) if single else v.reshape(n, -1, d) if v.shape[0] == n and v[0].numel() % d == 0 else None
-    if vv is None or (not single and tuple(v.shape[2:]) != shape):
-        raise ValueError(f"v must have shape (N, T, *shape) = ({n}, T, {', '.join(map(str, shape))}), got {tuple(v.shape)}")
+    if not single and (v.dim() != x.dim() + 1 or v.shape[0] != n or tuple(v.shape[2:]) != shape):
+        want = ", ".join(map(str, shape))
+        raise ValueError(f"v must have shape (N, T, *shape) = ({n}, T, {want}), got {tuple(v.shape)}")
+    vv = v.reshape(n, -1, d)
     t = vv.shape[1]
     hs = finite_difference_step(x, h, h_rel)
     with model_guard(model):
@@ -607,9 +608,10 @@ def principal_curvatures(
         _, g0 = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
         gnorm = g0.norm(dim=1)
         valid = valid & (gnorm > 0)
-        safe = gnorm.clamp_min(torch.finfo(x.dtype).tiny)
-        normal = g0 / safe.unsqueeze(1)
+        normal = g0 / gnorm.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)
         normal = torch.where((gnorm > 0).unsqueeze(1), normal, _unit_e1(n, d, x))
+        # a zero gradient has no level set: S = 0 there (flagged invalid, reported as NaN)
+        safe = torch.where(gnorm > 0, gnorm, torch.full_like(gnorm, math.inf))
         op = _ShapeOperator(model, flat, hs, pi, pj, shape, scheme, batch_size, cost, normal, safe,
                             g0 if scheme == "forward" else None)
         spectrum = None
@@ -744,7 +746,9 @@ def _resolve_classes(classes, logits: Tensor, ref: Tensor) -> Tensor:
         try:
             c = torch.tensor([int(v) for v in classes], dtype=torch.int64, device=dev).expand(n, -1)
         except (TypeError, ValueError):
-            raise TypeError(f"classes must be None, a list of class indices or an (N, J) tensor, got {classes!r}") from None
+            raise TypeError(
+                f"classes must be None, a list of class indices or an (N, J) tensor, got {classes!r}"
+            ) from None
     if c.dim() != 2 or c.shape[0] != n or c.shape[1] < 1:
         raise ValueError(f"classes must give J >= 1 classes per sample (shape (N, J) = ({n}, J)), got {tuple(c.shape)}")
     if bool(((c < 0) | (c >= n_classes)).any()):
@@ -752,7 +756,9 @@ def _resolve_classes(classes, logits: Tensor, ref: Tensor) -> Tensor:
     clash = c == ref.unsqueeze(1)
     if bool(clash.any()):
         s = int(clash.any(1).nonzero()[0, 0])
-        raise ValueError(f"classes include the reference class {int(ref[s])} for sample {s}: F = f_i - f_ref needs i != ref")
+        raise ValueError(
+            f"classes include the reference class {int(ref[s])} for sample {s}: F = f_i - f_ref needs i != ref"
+        )
     return c.contiguous()
 
 
@@ -819,7 +825,8 @@ def mean_curvature(
             ref = logits.argmax(1)
         else:
             if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
-                raise ValueError(f"labels must be an int64 tensor of shape ({n},), got {getattr(labels, 'shape', labels)!r}")
+                got = getattr(labels, "shape", labels)
+                raise ValueError(f"labels must be an int64 tensor of shape ({n},), got {got!r}")
             ref = labels.to(x.device)
             if bool(((ref < 0) | (ref >= logits.shape[1])).any()):
                 raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {ref.unique().tolist()}")
@@ -865,6 +872,8 @@ def _mean_curvature_chunk(model, flat, u, logits, cls, ref, hs, shape, scheme, e
         hut, hut_se = _hutchinson(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
     if estimator in ("trace", "both"):
         trace = _trace_form(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
+    flat_grad = (gnorm == 0).reshape(n, j)  # no level set: NaN, never a number
+    hut, hut_se, trace = (t.masked_fill(flat_grad, float("nan")) for t in (hut, hut_se, trace))
     return hut, hut_se, trace, gnorm.reshape(n, j), values.reshape(n, j)
 
 

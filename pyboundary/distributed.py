@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from .store import ResultStore, remove_store
 
 __all__ = ["world_from_env", "part_path", "leftover_parts", "merge_parts", "distributed_scan", "DistributedScanError"]

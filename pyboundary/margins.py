@@ -21,7 +21,6 @@ import hashlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -112,7 +112,7 @@ class ResultStore:
             raise ValueError(f"meta is required to open a store with mode={mode!r}")
         if exists and self.path.is_dir():
             raise StoreError(f"{str(self.path)!r} is a directory, not a result store file")
-        self._conn = self._connect(self.path)
+        self._conn = self._connect(self.path, writable=mode != "read")
         if exists and self._has_schema():
             self._check_schema()
             if mode == "resume":
@@ -135,11 +135,12 @@ class ResultStore:
 
     # ------------------------------------------------------------------ opening
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, writable: bool) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            if writable:  # WAL is persistent: readers need no pragma (and may lack write access)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(

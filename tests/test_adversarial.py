@@ -9,6 +9,16 @@ from torch import nn
 from pyboundary import adversarial as adv
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _mlp(seed=0, d=12, classes=3):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, classes))

@@ -340,3 +340,21 @@ def test_dense_chunked_over_samples_matches_one_batch():
     a = C.principal_curvatures(model, x, k=2, method="dense", h=1e-3, batch_size=12)  # one sample per chunk
     b = C.principal_curvatures(model, x, k=2, method="dense", h=1e-3, batch_size=10000)
     torch.testing.assert_close(a.spectrum, b.spectrum)
+
+
+def test_zero_gradient_gives_nan_not_a_number():
+    class Dead(nn.Module):  # f_1 - f_0 has zero gradient at x (ReLU off everywhere nearby)
+        def forward(self, x):
+            z = x.reshape(x.shape[0], -1)
+            return torch.stack([torch.zeros_like(z[:, 0]), torch.relu(z[:, 0] - 5.0) - 1.0], 1)
+
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    x[1, 0] = 6.0  # here the gradient is e_1: a flat boundary, curvature 0
+    pc = C.principal_curvatures(Dead(), x, pair=(1, 0), k=1, method="dense", h=0.01)
+    assert pc.valid.tolist() == [False, True]
+    assert math.isnan(float(pc.largest[0, 0])) and float(pc.largest[1, 0]) == 0.0
+    lan = C.principal_curvatures(Dead(), x, pair=(1, 0), k=1, n_iter=3, h=0.01)
+    assert math.isnan(float(lan.largest[0, 0])) and float(lan.largest[1, 0]) == 0.0
+    mc = C.mean_curvature(Dead(), x, labels=torch.zeros(2, dtype=torch.int64), n_dirs=3, h=0.01)
+    assert math.isnan(float(mc.trace[0, 0])) and math.isnan(float(mc.hutchinson[0, 0]))
+    assert float(mc.trace[1, 0]) == 0.0

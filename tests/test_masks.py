@@ -8,6 +8,16 @@ from pyboundary import masks
 from pyboundary import ops
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 class LowFreqModel(nn.Module):
     """Linear classifier of the 3x3 lowest DCT coefficients of each 8x8 image (ignores the rest)."""
 

@@ -8,6 +8,16 @@ from torch import nn
 from pyboundary import topology as topo
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 class Annulus(nn.Module):
     """Class 0 iff 1 < r < 2 in the first two coordinates (a connected, non-convex region)."""
 

@@ -10,6 +10,16 @@ from pyboundary import tracking
 from pyboundary.tracking import MarginTracker
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 class Affine2(nn.Module):
     """Two classes, logits [w.x + b, 0]: margins |w.x + b| / ||w||_2 (L2) and / ||w||_1 (L-inf)."""
 

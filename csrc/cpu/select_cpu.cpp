@@ -3,11 +3,12 @@
 #include "../common.h"
 #include "../pyboundary_math.h"
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -15,11 +16,67 @@ namespace pyboundary {
 
 namespace {
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PYB_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PYB_MULTIVERSION
+#endif
+
+// Norm statistic of one gradient row (sum of g^2 for p = 2, of |g| for p = inf) in acc_t, with
+// kLanes independent partial sums so that the loop vectorises (a fixed, deterministic order).
+constexpr int kLanes = 16;
+
+template <typename scalar_t, typename acc_t, bool P_INF>
+inline __attribute__((always_inline)) acc_t norm_stat_impl(const scalar_t* __restrict g,
+                                                           int64_t M) {
+  acc_t part[kLanes] = {};
+  int64_t m = 0;
+  for (; m + kLanes <= M; m += kLanes)
+    for (int u = 0; u < kLanes; ++u)
+      part[u] += math::select_norm_term<acc_t>(static_cast<acc_t>(g[m + u]), P_INF);
+  acc_t s = 0;
+  for (int u = 0; u < kLanes; ++u) s += part[u];
+  for (; m < M; ++m) s += math::select_norm_term<acc_t>(static_cast<acc_t>(g[m]), P_INF);
+  return s;
+}
+
+template <typename scalar_t, typename acc_t, bool P_INF>
+inline __attribute__((always_inline)) void step_impl(scalar_t* __restrict s,
+                                                     const scalar_t* __restrict g, int64_t M,
+                                                     acc_t scale) {
+  for (int64_t m = 0; m < M; ++m)
+    s[m] = static_cast<scalar_t>(math::select_step<acc_t>(scale, static_cast<acc_t>(g[m]), P_INF));
+}
+
+PYB_MULTIVERSION double norm_stat(const float* g, int64_t M, bool p_inf) {
+  return p_inf ? norm_stat_impl<float, double, true>(g, M) : norm_stat_impl<float, double, false>(g, M);
+}
+PYB_MULTIVERSION double norm_stat(const double* g, int64_t M, bool p_inf) {
+  return p_inf ? norm_stat_impl<double, double, true>(g, M)
+               : norm_stat_impl<double, double, false>(g, M);
+}
+PYB_MULTIVERSION void write_step(float* s, const float* g, int64_t M, double scale, bool p_inf) {
+  if (p_inf) {
+    step_impl<float, float, true>(s, g, M, static_cast<float>(scale));
+  } else {
+    step_impl<float, float, false>(s, g, M, static_cast<float>(scale));
+  }
+}
+PYB_MULTIVERSION void write_step(double* s, const double* g, int64_t M, double scale, bool p_inf) {
+  if (p_inf) {
+    step_impl<double, double, true>(s, g, M, scale);
+  } else {
+    step_impl<double, double, false>(s, g, M, scale);
+  }
+}
+
+// The statistic is accumulated in double for both dtypes; the step is scale * g (or sign) in
+// the input dtype, the scale rounded once.
 template <typename scalar_t>
 void select_kernel(const scalar_t* gap, const scalar_t* grad, int64_t N, int64_t K, int64_t M,
-                   bool p_inf, double eps_d, scalar_t* step, int64_t* index, scalar_t* dist) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-  const acc_t eps = static_cast<acc_t>(eps_d);
+                   bool p_inf, double eps, scalar_t* step, int64_t* index, scalar_t* dist) {
+  using acc_t = double;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -28,13 +85,7 @@ void select_kernel(const scalar_t* gap, const scalar_t* grad, int64_t N, int64_t
       acc_t best_dist = std::numeric_limits<acc_t>::infinity();
       acc_t best_stat = 0;
       for (int64_t c = 0; c < K; ++c) {
-        const scalar_t* g = g_n + c * M;
-        acc_t stat = 0;
-        if (p_inf) {
-          for (int64_t m = 0; m < M; ++m) stat += math::select_norm_term<acc_t>(g[m], true);
-        } else {
-          for (int64_t m = 0; m < M; ++m) stat += math::select_norm_term<acc_t>(g[m], false);
-        }
+        const acc_t stat = norm_stat(g_n + c * M, M, p_inf);
         const acc_t abs_gap = std::abs(static_cast<acc_t>(gap[n * K + c]));
         const acc_t d = math::select_dist(abs_gap, math::select_norm(stat, p_inf));
         if (c == 0 || math::select_better(d, best_dist)) {
@@ -46,12 +97,7 @@ void select_kernel(const scalar_t* gap, const scalar_t* grad, int64_t N, int64_t
       index[n] = best;
       dist[n] = static_cast<scalar_t>(best_dist);
       const acc_t push = math::select_push(std::abs(static_cast<acc_t>(gap[n * K + best])), eps);
-      const acc_t scale = math::select_scale(push, best_stat);
-      const scalar_t* g = g_n + best * M;
-      scalar_t* s = step + n * M;
-      for (int64_t m = 0; m < M; ++m) {
-        s[m] = static_cast<scalar_t>(math::select_step<acc_t>(scale, g[m], p_inf));
-      }
+      write_step(step + n * M, g_n + best * M, M, math::select_scale(push, best_stat), p_inf);
     }
   });
 }
