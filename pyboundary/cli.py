@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser", "STORE_NAME"]
 
 STORE_NAME = "scan.sqlite"
-_PLUGINS = ("detection", "tracking", "topology")
+_PLUGINS = ("detection", "tracking", "topology", "curvature")
 
 
 class UsageError(ValueError):

@@ -69,6 +69,7 @@ __all__ = [
     "noise_accuracy",
     "subspace_fraction",
     "finite_difference_step",
+    "register_cli",
 ]
 
 #: Default finite-difference step relative to ||x||_2 (see the module docstring).
@@ -1122,3 +1123,161 @@ def noise_accuracy(
         "accuracy_subspace": float(hit[0].double().mean()),
         "accuracy_complement": float(hit[1].double().mean()),
     }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register_cli(subparsers) -> None:
+    """Add ``pyboundary curvature``: principal and mean curvature statistics of a model on data."""
+    import argparse
+
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        return value
+
+    p = subparsers.add_parser(
+        "curvature",
+        help="principal and mean curvature of the decision boundaries at test inputs",
+        description="For N test inputs: the k largest / smallest principal curvatures of the boundary "
+                    "with the runner-up class (batched Lanczos on the shape operator) and the mean "
+                    "curvature of the boundaries with every other class (trace form); prints median, "
+                    "5-95 % range and mean of each, and writes curvature_profile.png (sorted principal "
+                    "curvatures averaged over --profile-samples inputs, dense Hessian) and "
+                    "curvature.json to --out. Curvatures in 1 / input units; sign convention in "
+                    "pyboundary.curvature (positive: bends away from the predicted class).",
+    )
+    p.add_argument("--model", required=True, help="model spec (pyboundary.models.load_model), e.g. lenet-smooth-fmnist")
+    p.add_argument("--data", required=True, help="dataset name or folder (pyboundary.data.load_dataset)")
+    p.add_argument("--split", default="test", help="dataset split (default test)")
+    p.add_argument("--n", type=positive_int, default=50, help="number of inputs (seeded subset; default 50)")
+    p.add_argument("--out", default=None, help="folder for curvature_profile.png and curvature.json")
+    p.add_argument("--k", type=positive_int, default=5, help="principal curvatures at each end (default 5)")
+    p.add_argument("--n-dirs", type=positive_int, default=20, help="random directions of the mean curvature (default 20)")
+    p.add_argument("--h-rel", type=float, default=DEFAULT_H_REL,
+                   help=f"finite-difference step relative to ||x||_2 (default {DEFAULT_H_REL})")
+    p.add_argument("--scheme", choices=_SCHEMES, default="central", help="derivatives (default central)")
+    p.add_argument("--at", choices=("input", "boundary"), default="input",
+                   help="evaluate at the input or at its DeepFool boundary point (default input)")
+    p.add_argument("--profile-samples", type=int, default=4,
+                   help="inputs averaged in the profile plot (dense, D <= 4096; 0 = no plot)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the random directions")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="rows per model call")
+    p.set_defaults(func=_cli_curvature)
+
+
+def _cli_curvature(args) -> int:
+    from .data import load_dataset
+    from .models import load_model
+
+    if args.profile_samples < 0:
+        raise ValueError(f"--profile-samples must be >= 0, got {args.profile_samples}")
+    finite_difference_step(torch.zeros(1, 2), None, args.h_rel)  # validates --h-rel before any work
+    model = load_model(args.model)
+    x = load_dataset(args.data, args.split, limit=args.n, seed=args.seed).x
+    report = _curvature_report(model, x, k=args.k, n_dirs=args.n_dirs, h_rel=args.h_rel, scheme=args.scheme,
+                              at=args.at, profile_samples=args.profile_samples, seed=args.seed,
+                              batch_size=args.batch_size)
+    report["model"], report["data"] = args.model, args.data
+    print(f"pyboundary curvature: model {args.model}, data {args.data} ({x.shape[0]} inputs, at={args.at}, "
+          f"h_rel={args.h_rel}, scheme={args.scheme})")
+    print(_format_report(report))
+    if args.out:
+        paths = _save_report(report, args.out)
+        print("wrote " + ", ".join(str(q) for q in paths))
+    return 0
+
+
+def _curvature_report(model: Callable, x: Tensor, *, k: int = 5, n_dirs: int = 20, h_rel: float = DEFAULT_H_REL,
+                      scheme: str = "central", at: str = "input", profile_samples: int = 4, seed: int = 0,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Curvature statistics of ``model`` at inputs x (N, *shape), as used by ``pyboundary curvature``.
+
+    Returns a dict: ``largest`` / ``smallest`` / ``mean_runner_up`` / ``mean_all`` are
+    :func:`pyboundary.stats.summarize` dicts (1 / input units) of, per input, the largest and the
+    smallest principal curvature of the boundary with the runner-up class (Lanczos), the mean
+    curvature of that boundary and the mean over all other classes (trace form, always at x, also
+    with at='boundary'); ``profile`` the
+    ascending principal curvatures of the runner-up boundary averaged over the first
+    ``profile_samples`` inputs (dense; None when 0 or D > 4096); ``forward_per_input`` and
+    ``backward_per_input`` the model rows spent per input.
+    """
+    from .stats import summarize
+
+    x = _check_x(x)
+    n, d = x.shape[0], x[0].numel()
+    pc = principal_curvatures(model, x, k=min(k, d - 1), at=at, h_rel=h_rel, scheme=scheme, seed=seed,
+                              batch_size=batch_size)
+    mc = mean_curvature(model, x, n_dirs=n_dirs, h_rel=h_rel, scheme=scheme, estimator="trace", seed=seed,
+                        batch_size=batch_size)
+    runner = mc.values.argmax(1, keepdim=True)  # largest F_i = f_i - f_pred: the runner-up class
+    fw, bw = pc.n_forward + mc.n_forward, pc.n_backward + mc.n_backward
+    profile = None
+    m = min(max(profile_samples, 0), n)
+    if m > 0 and d <= 4096:
+        dense = principal_curvatures(model, x[:m], k=1, at=at, h_rel=h_rel, scheme=scheme, method="dense",
+                                     batch_size=batch_size)
+        profile = np.nanmean(dense.spectrum.detach().cpu().double().numpy(), 0)
+        fw, bw = fw + dense.n_forward, bw + dense.n_backward
+    valid = pc.valid.cpu().numpy()
+    return {
+        "n": n, "k": int(pc.largest.shape[1]), "at": at, "h_rel": h_rel, "scheme": scheme, "n_dirs": n_dirs,
+        "largest": summarize(pc.largest[:, 0].double().cpu().numpy(), valid),
+        "smallest": summarize(pc.smallest[:, 0].double().cpu().numpy(), valid),
+        "mean_runner_up": summarize(mc.trace.gather(1, runner).squeeze(1).double().cpu().numpy()),
+        "mean_all": summarize(mc.trace.mean(1).double().cpu().numpy()),
+        "profile": profile,
+        "profile_samples": m if profile is not None else 0,
+        "forward_per_input": fw / n,
+        "backward_per_input": bw / n,
+    }
+
+
+def _format_report(report: dict) -> str:
+    names = (("largest", "largest principal curvature (runner-up boundary)"),
+             ("smallest", "smallest principal curvature (runner-up boundary)"),
+             ("mean_runner_up", "mean curvature (runner-up boundary)"),
+             ("mean_all", "mean curvature (mean over other classes)"))
+    lines = [f"{'statistic':<52} {'median':>11} {'p5':>11} {'p95':>11} {'mean':>11} {'se':>10} {'n':>5}"]
+    for key, label in names:
+        s = report[key]
+        lines.append(f"{label:<52} {s['median']:>11.4g} {s['p5']:>11.4g} {s['p95']:>11.4g} {s['mean']:>11.4g} "
+                     f"{s['se']:>10.3g} {s['n_converged']:>5d}")
+    lines.append(f"cost: {report['forward_per_input']:.1f} forward + {report['backward_per_input']:.1f} "
+                 "backward rows per input")
+    return "\n".join(lines)
+
+
+def _save_report(report: dict, out) -> list:
+    """Write curvature.json and (if a profile was computed) curvature_profile.png to ``out``."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    profile = report["profile"]
+    if profile is not None:
+        from .plot import _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(np.arange(profile.size), profile)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("principal curvature index (sorted)")
+        ax.set_ylabel("curvature (1 / input units)")
+        ax.set_title(f"Curvature profile, runner-up boundary, mean of {report['profile_samples']} inputs")
+        fig.tight_layout()
+        fig.savefig(out / "curvature_profile.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "curvature_profile.png")
+    blob = dict(report, profile=None if profile is None else [float(v) for v in profile])
+    with open(out / "curvature.json", "w") as fh:
+        json.dump(blob, fh, indent=2)
+    paths.append(out / "curvature.json")
+    return paths

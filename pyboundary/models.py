@@ -1,6 +1,8 @@
 """Small reference classifiers, a seeded training loop, a weight cache and model loaders.
 
-* :func:`build` makes an untrained ``lenet``, ``mlp`` or ``resnet-small`` for any input shape.
+* :func:`build` makes an untrained ``lenet``, ``lenet-smooth``, ``mlp`` or ``resnet-small`` for any
+  input shape (``lenet-smooth``: the LeNet layout with softplus and average pooling, a smooth
+  function of its input, for curvature measurements).
 * :func:`train` is a plain seeded Adam loop with hooks for adversarial training and trackers.
 * :func:`reference_model` trains a model once on an offline dataset and caches its weights under
   ``~/.cache/pyboundary/models`` (env ``PYBOUNDARY_CACHE`` overrides the root).
@@ -45,12 +47,16 @@ __all__ = [
     "PixelScale",
 ]
 
-ARCHS = ("lenet", "mlp", "resnet-small")
+ARCHS = ("lenet", "lenet-smooth", "mlp", "resnet-small")
 _DATASET_ALIASES = {"fmnist": "fashion-mnist", "fashion": "fashion-mnist", "mnist": "mnist5k"}
 _CACHE_FORMAT = 1
 
 
 # ----------------------------------------------------------------------------- architectures
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU, "elu": nn.ELU}
+_POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
 class LeNet(nn.Module):
@@ -59,28 +65,51 @@ class LeNet(nn.Module):
 
     Spatial sizes: H -> H//2 -> H//4 (padding 2 keeps the conv sizes); when H//4 or W//4 exceed 7
     an adaptive average pool reduces the map to at most 7x7 so the classifier stays small.
+    ``activation`` ("relu", "softplus", "silu", "elu") and ``pool`` ("max", "avg") change the
+    nonlinearities without changing the parameters (same state-dict names and shapes).
     """
 
-    def __init__(self, in_shape: Sequence[int], n_classes: int, width: int = 8, hidden: int = 128):
+    def __init__(self, in_shape: Sequence[int], n_classes: int, width: int = 8, hidden: int = 128, *,
+                 activation: str = "relu", pool: str = "max"):
         super().__init__()
         c, h, w = in_shape
         if h < 4 or w < 4:
             raise ValueError(f"in_shape: lenet needs H, W >= 4, got {tuple(in_shape)}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+        if pool not in _POOLS:
+            raise ValueError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
+        act, pooling = _ACTIVATIONS[activation], _POOLS[pool]
         h4, w4 = h // 4, w // 4
         oh, ow = min(h4, 7), min(w4, 7)
         layers = [
-            nn.Conv2d(c, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, width, 5, padding=2), act(), pooling(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), act(), pooling(2),
         ]
         if (oh, ow) != (h4, w4):
             layers.append(nn.AdaptiveAvgPool2d((oh, ow)))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * width * oh * ow, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+            nn.Flatten(), nn.Linear(2 * width * oh * ow, hidden), act(), nn.Linear(hidden, n_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class LeNetSmooth(LeNet):
+    """The :class:`LeNet` layout with softplus activations and 2x2 average pooling (``lenet-smooth``).
+
+    An infinitely differentiable function of its input: no ReLU kinks and no max-pool ties (inputs
+    with exactly-constant regions, such as the zero backgrounds of Fashion-MNIST, do not sit on
+    kinks), so exact Hessians (double backward) exist and finite differences converge as h -> 0.
+    Same parameters as ``lenet`` (``activation="silu"`` or ``"elu"`` also accepted; elu is only
+    once differentiable).
+    """
+
+    def __init__(self, in_shape: Sequence[int], n_classes: int, width: int = 8, hidden: int = 128, *,
+                 activation: str = "softplus", pool: str = "avg"):
+        super().__init__(in_shape, n_classes, width, hidden, activation=activation, pool=pool)
 
 
 class MLP(nn.Module):
@@ -140,7 +169,7 @@ class ResNetSmall(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-_BUILDERS = {"lenet": LeNet, "mlp": MLP, "resnet-small": ResNetSmall}
+_BUILDERS = {"lenet": LeNet, "lenet-smooth": LeNetSmooth, "mlp": MLP, "resnet-small": ResNetSmall}
 
 
 def _check_shape(in_shape) -> tuple:
@@ -157,10 +186,11 @@ def build(arch: str, in_shape: Sequence[int] = (1, 28, 28), n_classes: int = 10,
     """An untrained model of architecture ``arch`` (one of :data:`ARCHS`) for inputs ``in_shape``.
 
     Args:
-        arch: "lenet", "mlp" or "resnet-small".
+        arch: "lenet", "lenet-smooth", "mlp" or "resnet-small".
         in_shape: (C, H, W) of one input.
         n_classes: number of logits (>= 2).
-        kwargs: architecture options (lenet: width=8, hidden=128; mlp: hidden=256, depth=2;
+        kwargs: architecture options (lenet: width=8, hidden=128, activation="relu", pool="max";
+            lenet-smooth: the same with activation="softplus", pool="avg"; mlp: hidden=256, depth=2;
             resnet-small: width=16, blocks=1).
     Returns:
         nn.Module mapping (N, C, H, W) -> (N, n_classes) logits; parameters drawn from torch's
@@ -643,8 +673,8 @@ def load_model(spec: str, in_shape=None, n_classes: int | None = None) -> nn.Mod
     """A model from a command-line spec, in eval mode on CPU.
 
     Spec kinds:
-        * built-in: ``<arch>-<dataset>`` (e.g. ``lenet-fmnist``, ``mlp-digits``,
-          ``resnet-small-mnist5k``): :func:`reference_model` with its defaults (trained and cached
+        * built-in: ``<arch>-<dataset>`` (e.g. ``lenet-fmnist``, ``lenet-smooth-fmnist``,
+          ``mlp-digits``, ``resnet-small-mnist5k``): :func:`reference_model` with its defaults (trained and cached
           on first use); ``efficientnet-lite0``: :func:`efficientnet_lite0`.
         * ``package.module:function``: imports the module and calls ``function()``, which must
           return an nn.Module.

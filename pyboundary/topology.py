@@ -9,8 +9,8 @@ points in batches of at most ``batch_size`` inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,7 +97,9 @@ def first_crossing(
     parts = [_crossing_chunk(model, x[s:s + rows], v[s:s + rows], label[s:s + rows], r[s:s + rows],
                              n_grid, n_bisect, batch_size, counter) for s in range(0, m, rows)]
     out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
-    return out * v.flatten(1).double().norm(dim=1)
+    vnorm = v.flatten(1).double().norm(dim=1)
+    # a zero direction never leaves the region: inf (not inf * 0 = nan)
+    return torch.where(vnorm > 0, out * vnorm, torch.full_like(out, math.inf))
 
 
 def _crossing_chunk(model, x, v, label, r, n_grid, n_bisect, batch_size, counter) -> Tensor:

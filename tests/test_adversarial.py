@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def _mlp(seed=0, d=12, classes=3):
@@ -65,6 +62,20 @@ def test_pgd_linf_solves_linear_model_exactly():
     torch.testing.assert_close(x_adv, expected.expand_as(x_adv))
     x_t = adv.pgd(lin, x, y, eps=0.2, steps=5, clamp=None, random_start=False, targeted=True)
     torch.testing.assert_close(x_t, (x + 0.2 * torch.sign(w[0])).expand_as(x_t))
+
+
+def test_pgd_l2_solves_linear_model_exactly():
+    # L2 maximiser of the loss of label 0 for logits (w.x, 0): x - eps * w / ||w||
+    w = torch.tensor([[3.0, -4.0, 0.0], [0.0, 0.0, 0.0]])
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.zero_()
+    x = torch.full((2, 3), 0.5)
+    y = torch.zeros(2, dtype=torch.int64)
+    x_adv = adv.pgd(lin, x, y, eps=0.5, norm="l2", steps=4, clamp=None, random_start=False)
+    expected = x - 0.5 * w[0] / 5.0
+    torch.testing.assert_close(x_adv, expected.expand_as(x_adv), rtol=0, atol=1e-5)
 
 
 def test_pgd_leaves_model_unchanged_and_is_seeded():

@@ -17,7 +17,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 class LowFreqModel(nn.Module):
     """Linear classifier of the 3x3 lowest DCT coefficients of each 8x8 image (ignores the rest)."""
 

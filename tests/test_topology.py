@@ -17,7 +17,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 class Annulus(nn.Module):
     """Class 0 iff 1 < r < 2 in the first two coordinates (a connected, non-convex region)."""
 
@@ -159,6 +158,13 @@ def test_first_crossing_on_a_halfspace_is_exact():
     d = topo.first_crossing(model, x, v, torch.ones(4, dtype=torch.int64), 5.0, n_bisect=30)
     assert d[:3].tolist() == pytest.approx([1.0, 1 / 0.6, 1 / 0.6], rel=1e-6)
     assert math.isinf(float(d[3]))
+    # chunked evaluation (2 rows of 32 grid points per chunk) gives the same distances
+    d_small = topo.first_crossing(model, x, v, torch.ones(4, dtype=torch.int64), 5.0, n_bisect=30, batch_size=64)
+    torch.testing.assert_close(d_small, d)
+    z = topo.first_crossing(model, x[:1], torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.int64), 5.0)
+    assert math.isinf(float(z[0]))
+    with pytest.raises(ValueError, match="n_grid"):
+        topo.first_crossing(model, x, v, torch.ones(4, dtype=torch.int64), 5.0, n_grid=0)
 
 
 def test_random_direction_ratio_on_an_affine_model():

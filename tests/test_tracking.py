@@ -19,7 +19,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 class Affine2(nn.Module):
     """Two classes, logits [w.x + b, 0]: margins |w.x + b| / ||w||_2 (L2) and / ||w||_1 (L-inf)."""
 
