@@ -51,7 +51,10 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-g0", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline and uses OpenMP pragmas in torch's OpenMP builds;
+    # without it the kernels run on one thread. libgomp.so.1 is then the one torch loaded.
+    cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [("PYBOUNDARY_WITH_CUDA", "1" if with_cuda else "0")]
     if with_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
@@ -60,9 +63,14 @@ def _extension():
             sources,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "pyboundary._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}
+        "pyboundary._C",
+        sources,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

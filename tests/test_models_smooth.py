@@ -61,7 +61,7 @@ def test_training_smoke():
     x[y == 1, :, 2:6, 2:6] += 0.7
     model = fresh("lenet-smooth", (1, 8, 8), 2)
     history = []
-    train(model, x, y, epochs=4, batch_size=32, lr=1e-2, progress=False, history=history)
+    train(model, x, y, epochs=10, batch_size=16, lr=3e-3, progress=False, history=history)
     assert history[-1] < history[0] * 0.7
     assert models.accuracy(model, x, y) > 0.9
 
