@@ -32,7 +32,6 @@ setup: $(VENV)/.pyboundary-built
 # 1. the venv, 2. torch FIRST and pinned (an unpinned torch pulls a 5 GB CUDA build).
 $(VENV)/.torch:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPIP) install $(PIP_QUIET) --upgrade pip
 	$(VPIP) install $(PIP_QUIET) "$(TORCH_PIN)"
 	touch $@
 

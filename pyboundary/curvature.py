@@ -1158,7 +1158,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--n", type=positive_int, default=50, help="number of inputs (seeded subset; default 50)")
     p.add_argument("--out", default=None, help="folder for curvature_profile.png and curvature.json")
     p.add_argument("--k", type=positive_int, default=5, help="principal curvatures at each end (default 5)")
-    p.add_argument("--n-dirs", type=positive_int, default=20, help="random directions of the mean curvature (default 20)")
+    p.add_argument("--n-dirs", type=positive_int, default=20,
+                   help="random directions of the mean curvature (default 20)")
     p.add_argument("--h-rel", type=float, default=DEFAULT_H_REL,
                    help=f"finite-difference step relative to ||x||_2 (default {DEFAULT_H_REL})")
     p.add_argument("--scheme", choices=_SCHEMES, default="central", help="derivatives (default central)")

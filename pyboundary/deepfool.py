@@ -446,7 +446,7 @@ def _remember_norms(ch: _Chunk, ar: Tensor, norms: Tensor, slots, mask) -> None:
 
 
 def _step(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, logits: Tensor, first: bool):
-    """Gradients of the (kept) candidate gaps, their coordinates, the select and the update of r.
+    """Gradients of the (kept) candidate gaps of rows ar, then :func:`_apply_step`.
 
     logits: (n, L) at the current iterate of rows ar (attached to the graph of xa)."""
     gap_all = _candidate_gaps(ch, ar, logits)
@@ -454,22 +454,39 @@ def _step(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, logits: T
     gap = gap_all if slots is None else gap_all.gather(1, slots)
     ctx.trace[-1] = (ctx.trace[-1][0], gap.shape[1])
     g = _gradients(ctx, xa, gap, mask)[:, rows].transpose(0, 1)  # (n, J', ...)
+    _apply_step(ctx, ch, ar, g, gap.detach(), logits.detach(), slots, mask, keep)
+
+
+def _step_shared(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, logits: Tensor,
+                 rep_rows: Tensor, inverse: Tensor):
+    """First step when several rows share an input (e.g. one image x many subspaces): gradients
+    are computed once per distinct input (xa, logits: (n_u, ...)) and shared by its rows."""
+    gap_u = _candidate_gaps(ch, rep_rows, logits)
+    ctx.trace[-1] = (ctx.trace[-1][0], gap_u.shape[1])
+    g_u = _gradients(ctx, xa, gap_u, None)  # (J, n_u, ...)
+    sel = inverse[rows]
+    g = g_u[:, sel].transpose(0, 1)
+    _apply_step(ctx, ch, ar, g, gap_u.detach()[sel], logits.detach()[sel], None, None, None)
+
+
+def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logits: Tensor,
+                slots, mask, keep) -> None:
+    """Candidate gradients g (n, J', ...) -> coordinates, select, and the update of r[ar]."""
     n, Jp = g.shape[:2]
     with torch.no_grad():
         gc = ctx.space._analysis(g.reshape((n * Jp,) + g.shape[2:]), ch.idx[ar].repeat_interleave(Jp))
         gc = gc.reshape(n, Jp, -1)
         ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
         _remember_norms(ch, ar, _dual_norm(gc, ctx.p), slots, mask)
-        gd = gap.detach()
         if ctx.clamp is not None:
-            gd = gd - _CLAMP_PUSH * logits.detach().abs().amax(1, keepdim=True)
+            gap = gap - _CLAMP_PUSH * logits.abs().amax(1, keepdim=True)
         if keep is not None and ctx.prune == "audit":
-            _, full_idx, _ = ops.deepfool_select(gd, gc, ctx.p)
-            step, idx_p, _ = ops.deepfool_select(gd, gc * keep.unsqueeze(2).to(gc.dtype), ctx.p)
+            _, full_idx, _ = ops.deepfool_select(gap, gc, ctx.p)
+            step, idx_p, _ = ops.deepfool_select(gap, gc * keep.unsqueeze(2).to(gc.dtype), ctx.p)
             ctx.prune_choices += n
             ctx.prune_mismatch += int((idx_p != full_idx).sum())
         else:
-            step, _, _ = ops.deepfool_select(gd, gc, ctx.p)
+            step, _, _ = ops.deepfool_select(gap, gc, ctx.p)
         r_new = ch.r[ar] + step
         if ctx.clamp is not None:
             # keep the state equal to the realised perturbation: the part of the accumulated
@@ -480,23 +497,57 @@ def _step(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, logits: T
         ch.r[ar] = r_new
 
 
+def _duplicate_groups(ch: _Chunk, a: Tensor):
+    """Rows of a with identical inputs (and identical given labels / targets), as
+    (representative positions in a (n_u,), group of each row (n,)); None if all rows differ.
+
+    Rows are grouped by exact equality (``torch.unique(dim=0)``, about as cheap as one pass over
+    the batch); if rows with equal inputs have different labels or targets, sharing is off.
+    """
+    n = a.numel()
+    if n < 2:
+        return None
+    flat = ch.x0[a].reshape(n, -1)
+    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    n_u = uniq.shape[0]
+    if n_u == n:
+        return None
+    pos = torch.arange(n, device=a.device)
+    rep = torch.full((n_u,), n, dtype=torch.int64, device=a.device)
+    rep = rep.scatter_reduce(0, inverse, pos, reduce="amin")
+    back = rep[inverse]
+    for t in (ch.labels, ch.target):
+        if t is not None and not torch.equal(t[a], t[a][back]):
+            return None
+    return rep, inverse
+
+
 def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
-    """Run DeepFool iterations for rows a of the chunk (their r already initialised)."""
+    """Run DeepFool iterations for rows a of the chunk (their r already initialised).
+
+    On the first forward of the first attempt (r = 0), rows that share an input share the
+    forward and the candidate gradients (:func:`_duplicate_groups`)."""
     scale = 1.0 + ctx.overshoot
     for it in range(ctx.max_iter + 1):
         if a.numel() == 0:
             return
+        groups = _duplicate_groups(ch, a) if it == 0 and first_attempt else None
+        src = a if groups is None else a[groups[0]]
         with torch.no_grad():
-            xa = _point(ctx, ch.x0[a], scale * ctx.space._synthesis(ch.r[a], ch.idx[a]))
+            xa = _point(ctx, ch.x0[src], scale * ctx.space._synthesis(ch.r[src], ch.idx[src]))
         xa.requires_grad_(True)
         logits = _forward(ctx, xa)
         ch.fwd[a] += 1
-        rows = _mark_flips(ctx, ch, a, logits.detach(), it, first_attempt)
+        full = logits.detach() if groups is None else logits.detach()[groups[1]]
+        rows = _mark_flips(ctx, ch, a, full, it, first_attempt)
         if it == ctx.max_iter or rows.numel() == 0:
             ch.iters[a[rows]] = ctx.max_iter
             return
         ar = a[rows]
-        _step(ctx, ch, ar, xa, rows, logits[rows], first=it == 0)
+        if groups is None:
+            _step(ctx, ch, ar, xa, rows, logits[rows], first=it == 0)
+        else:
+            _step_shared(ctx, ch, ar, xa, rows, logits, a[groups[0]], groups[1])
         a = ar
 
 

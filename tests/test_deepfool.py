@@ -404,3 +404,24 @@ def test_cuda_matches_cpu(cnn, digits):
     pert = res.perturbation[ok]
     outside = pert - sub.project(pert, idx[ok])
     assert ok.float().mean() > 0.8 and outside.norm() <= 1e-5 * pert.norm()
+
+
+def test_shared_first_step_for_repeated_inputs(cnn, digits):
+    """(sample, subspace) pairs of one image share the first forward and gradients; the result
+    equals separate runs."""
+    x = digits[0][1600:1603]
+    sub = DCTDiagonal((1, 8, 8), K=4, T=2)
+    xs = x.repeat_interleave(sub.n_members, 0)
+    idx = torch.arange(sub.n_members).repeat(3)
+    shared = deepfool(cnn, xs, subspace=sub, subspace_index=idx, max_iter=100)
+    assert shared.trace[0][0] == 3  # one forward row per distinct image
+    single = deepfool(cnn, xs, subspace=sub, subspace_index=idx, max_iter=100, batch_size=1)
+    assert single.trace[0][0] == 1
+    torch.testing.assert_close(shared.margin, single.margin, rtol=1e-4, atol=1e-6)
+    assert torch.equal(shared.converged, single.converged)
+    # different labels for the same image: no sharing, still correct
+    labels = cnn(x).argmax(1).repeat_interleave(sub.n_members)
+    labels[0] = (labels[0] + 1) % 10
+    res = deepfool(cnn, xs, labels=labels, subspace=sub, subspace_index=idx, max_iter=100)
+    assert res.trace[0][0] == xs.shape[0] and res.misclassified[0] and res.margin[0] == 0
+    torch.testing.assert_close(res.margin[1:], shared.margin[1:], rtol=1e-4, atol=1e-6)

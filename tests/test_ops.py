@@ -258,6 +258,27 @@ def test_block_ops_noncontiguous(device):
     )
 
 
+def test_cpu_kernels_thread_count_invariant():
+    """Parallel chunks (at::parallel_for) give bitwise the results of one thread."""
+    x, row0, col0, kh, kw = _case((3, 30, 20, 7, 9, (0, 23, 11, 5), (11, 0, 3, 7)), dtype=torch.float32)
+    gap, grad = _select_inputs(n=40, k=4, m=300, seed=61, dtype=torch.float32)
+    old = torch.get_num_threads()
+
+    def run():
+        c = ops.dct_block_analysis(x, row0, col0, kh, kw)
+        return [ops.dct2(x), c, ops.dct_block_synthesis(c, row0, col0, 30, 20), *ops.deepfool_select(gap, grad, 2)]
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 def test_block_ops_empty_batch():
     x = torch.zeros(0, 3, 8, 8)
     e = torch.zeros(0, dtype=torch.int64)

@@ -128,7 +128,7 @@ int64_t block_grain(int64_t work_per_item) {
 // dct2 / idct2 of every H x W image with the two small products of the block kernels:
 // T = X M_W (columns), Y = M_H T (rows); forward M_W = C_W^T, M_H = C_H; inverse M_W = C_W,
 // M_H = C_H^T. Cost O(B H W (H + W)), parallel over images.
-at::Tensor dct2_direct(const at::Tensor& x, bool inverse) {
+static at::Tensor dct2_direct(const at::Tensor& x, bool inverse) {
   const int64_t H = x.size(-2), W = x.size(-1);
   const int64_t B = x.numel() / (H * W);
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -149,7 +149,7 @@ at::Tensor dct2_direct(const at::Tensor& x, bool inverse) {
   return out;
 }
 
-at::Tensor dct2_cpu_any(const at::Tensor& x, bool inverse) {
+static at::Tensor dct2_cpu_any(const at::Tensor& x, bool inverse) {
   const char* op = inverse ? "idct2" : "dct2";
   check_float(op, "x", x);
   check_rank(op, "x", x, 2, "(..., H, W)", /*at_least=*/true);

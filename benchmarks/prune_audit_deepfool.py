@@ -1,0 +1,49 @@
+"""How often candidate pruning changes DeepFool's choice, and what it does to the margins.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prune_audit_deepfool.py --n 500
+
+For each mode: prune='audit' (all gradients computed, the step taken with the pruned choice)
+counts the (sample, iteration) choices where the pruned argmin differs from the full one; then
+prune=True vs prune=False margins per sample (max and 99th percentile of the relative difference).
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pyboundary import data, models  # noqa: E402
+from pyboundary.deepfool import PRUNE_FACTOR, deepfool  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=500)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
+    x = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0).x
+    print(f"PRUNE_FACTOR = {PRUNE_FACTOR}; {x.shape[0]} inputs")
+    print("| mode | choices | differing | gradients pruned/unpruned | max rel. margin diff | p99 | median margin pruned / unpruned |")
+    print("|---|---|---|---|---|---|---|")
+    for clamp in (None, (0.0, 1.0)):
+        for p in (2, math.inf):
+            kw = dict(p=p, clamp=clamp, batch_size=100)
+            audit = deepfool(model, x, prune="audit", **kw)
+            pruned = deepfool(model, x, prune=True, **kw)
+            full = deepfool(model, x, prune=False, **kw)
+            ok = pruned.converged & full.converged
+            rel = (pruned.margin[ok] / full.margin[ok] - 1).abs()
+            mode = f"{'Linf' if math.isinf(p) else 'L2'} {'clamp' if clamp else 'unclipped'}"
+            print(f"| {mode} | {audit.prune_choices} | {audit.prune_mismatch} | "
+                  f"{int(pruned.sample_gradients.sum())}/{int(full.sample_gradients.sum())} | "
+                  f"{float(rel.max()):.2e} | {float(rel.quantile(0.99)):.2e} | "
+                  f"{float(pruned.margin[ok].median()):.4f} / {float(full.margin[ok].median()):.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
