@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pyboundary import data, models  # noqa: E402
-from pyboundary.deepfool import PRUNE_FACTOR, deepfool  # noqa: E402
+from pyboundary.deepfool import FIRST_PRUNE_FACTOR, PRUNE_FACTOR, deepfool  # noqa: E402
+from pyboundary.subspaces import DCTDiagonal  # noqa: E402
 
 
 def main(argv=None):
@@ -27,22 +28,27 @@ def main(argv=None):
     torch.set_num_threads(1)
     model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
     x = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0).x
-    print(f"PRUNE_FACTOR = {PRUNE_FACTOR}; {x.shape[0]} inputs")
+    print(f"PRUNE_FACTOR = {PRUNE_FACTOR}, FIRST_PRUNE_FACTOR = {FIRST_PRUNE_FACTOR}; {x.shape[0]} inputs")
     print("| mode | choices | differing | gradients pruned/unpruned | max rel. margin diff | p99 | median margin pruned / unpruned |")
     print("|---|---|---|---|---|---|---|")
-    for clamp in (None, (0.0, 1.0)):
-        for p in (2, math.inf):
-            kw = dict(p=p, clamp=clamp, batch_size=100)
-            audit = deepfool(model, x, prune="audit", **kw)
-            pruned = deepfool(model, x, prune=True, **kw)
-            full = deepfool(model, x, prune=False, **kw)
-            ok = pruned.converged & full.converged
-            rel = (pruned.margin[ok] / full.margin[ok] - 1).abs()
-            mode = f"{'Linf' if math.isinf(p) else 'L2'} {'clamp' if clamp else 'unclipped'}"
-            print(f"| {mode} | {audit.prune_choices} | {audit.prune_mismatch} | "
-                  f"{int(pruned.sample_gradients.sum())}/{int(full.sample_gradients.sum())} | "
-                  f"{float(rel.max()):.2e} | {float(rel.quantile(0.99)):.2e} | "
-                  f"{float(pruned.margin[ok].median()):.4f} / {float(full.margin[ok].median()):.4f} |", flush=True)
+    sub = DCTDiagonal(tuple(x.shape[1:]), K=8, T=1)
+    n_img = max(1, args.n // 20)
+    xs = x[:n_img].repeat_interleave(sub.n_members, 0)
+    idx = torch.arange(sub.n_members).repeat(n_img)
+    cases = [(f"{'Linf' if math.isinf(p) else 'L2'} {'clamp' if clamp else 'unclipped'}", x,
+              dict(p=p, clamp=clamp, batch_size=100)) for clamp in (None, (0.0, 1.0)) for p in (2, math.inf)]
+    cases.append((f"L2 {sub.spec}, {n_img} images x {sub.n_members}", xs,
+                  dict(p=2, subspace=sub, subspace_index=idx, batch_size=420)))
+    for mode, xx, kw in cases:
+        audit = deepfool(model, xx, prune="audit", **kw)
+        pruned = deepfool(model, xx, prune=True, **kw)
+        full = deepfool(model, xx, prune=False, **kw)
+        ok = pruned.converged & full.converged
+        rel = (pruned.margin[ok] / full.margin[ok] - 1).abs()
+        print(f"| {mode} | {audit.prune_choices} | {audit.prune_mismatch} | "
+              f"{int(pruned.sample_gradients.sum())}/{int(full.sample_gradients.sum())} | "
+              f"{float(rel.max()):.2e} | {float(rel.quantile(0.99)):.2e} | "
+              f"{float(pruned.margin[ok].median()):.4f} / {float(full.margin[ok].median()):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,16 @@ def test_affine_whole_space_closed_form(p, q):
 
 def test_affine_unrefined_is_overshoot_times_margin():
     model, x = _affine(seed=3)
-    res = deepfool(model, x, refine=False, overshoot=0.05)
+    res = deepfool(model, x, refine=False, overshoot=0.05, prune=False)
     exact = _closed_form(model, x)
     # one step lands just past the boundary (relative push 1e-4), then the 1.05 overshoot
     ratio = res.margin / exact
     assert ((ratio > 1.05) & (ratio < 1.05 * 1.0002)).all()
     assert res.n_forward == 2 and res.n_backward == 5  # clean + one step; L - 1 candidates
+    pruned = deepfool(model, x, refine=False, overshoot=0.05)
+    torch.testing.assert_close(pruned.margin, res.margin)
+    assert pruned.sample_gradients.sum() < res.sample_gradients.sum()
+    assert pruned.n_forward == len(pruned.trace) and pruned.n_backward == sum(t[1] for t in pruned.trace)
 
 
 def _dct_project(sub, idx):

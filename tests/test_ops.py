@@ -119,7 +119,9 @@ def test_missing_library_falls_back_with_one_warning(tmp_path):
 
 # ---- dct2 / idct2 -------------------------------------------------------------------------
 
-DCT_SHAPES = [(28, 28), (32, 32), (224, 224), (7, 13), (3, 7, 13), (2, 3, 28, 28), (2, 2, 1, 5, 9)]
+# (2, 65, 97) and (64, 66): the CPU kernel's butterfly path (>= 64) with odd and even sizes.
+DCT_SHAPES = [(28, 28), (32, 32), (224, 224), (7, 13), (3, 7, 13), (2, 3, 28, 28), (2, 2, 1, 5, 9),
+              (2, 65, 97), (64, 66)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,15 +141,16 @@ def test_dct2_matches_scipy(shape, dtype, tol, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dct2_round_trip_and_parseval(device):
-    x = _rand(3, 2, 17, 23, seed=2, device=device)
+@pytest.mark.parametrize("hw", [(17, 23), (67, 64)])
+def test_dct2_round_trip_and_parseval(device, hw):
+    x = _rand(3, 2, *hw, seed=2, device=device)
     y = ops.dct2(x)
     assert torch.allclose(ops.idct2(y), x, rtol=0, atol=1e-13)
     assert torch.allclose(ops.dct2(ops.idct2(x)), x, rtol=0, atol=1e-13)
     # Parseval per image: the transform is orthonormal.
     assert torch.allclose(y.square().sum((-2, -1)), x.square().sum((-2, -1)), rtol=1e-13)
     # frequency (0, 0) is the mean times sqrt(H W)
-    assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)) * math.sqrt(17 * 23), rtol=1e-12)
+    assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)) * math.sqrt(hw[0] * hw[1]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -256,6 +259,16 @@ def test_block_ops_noncontiguous(device):
         ops.dct_block_synthesis(want, row0, col0, 9, 10),
         rtol=0, atol=1e-13,
     )
+
+
+def test_many_sizes_survive_matrix_cache_eviction():
+    """More distinct DCT sizes than the kernels' matrix cache holds: every result stays right."""
+    for n in range(3, 45):
+        x = _rand(2, 1, n, n + 2, seed=n, dtype=torch.float32)
+        assert _rel(ops.dct2(x), reference.dct2(x)) < 1e-5
+        assert _rel(ops.idct2(x), reference.idct2(x)) < 1e-5
+        r, c = _origins(0, n - 2), _origins(n, 1)
+        assert _rel(ops.dct_block_analysis(x, r, c, 2, 2), reference.dct_block_analysis(x, r, c, 2, 2)) < 1e-5
 
 
 def test_cpu_kernels_thread_count_invariant():

@@ -77,7 +77,8 @@ template <typename scalar_t>
 void select_kernel(const scalar_t* gap, const scalar_t* grad, int64_t N, int64_t K, int64_t M,
                    bool p_inf, double eps, scalar_t* step, int64_t* index, scalar_t* dist) {
   using acc_t = double;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * M));
+  // Samples per parallel chunk: at least ~2^18 gradient entries (small batches run inline).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* g_n = grad + n * K * M;
