@@ -1,13 +1,14 @@
 // CPU kernels of the DCT ops and the CPU registration of every op.
 //
-// dct2 / idct2: the cached DCT matrices (built from math::dct_coef) applied to each image with
-// the small-product kernel below (measured faster than ATen matmul/MKL for small images and
-// on par at 224 x 224; MKL's threads also stall on small products when the CPU is busy).
+// dct2 / idct2: per image, one small product along each dimension with the cached DCT
+// matrices (built from math::dct_coef); from 64 x 64 on through the even/odd butterfly of C_n
+// (C_n[k, n-1-i] = (-1)^k C_n[k, i]), which halves the multiply-adds. Measured at least as fast
+// as the ATen/MKL matmul twin at 28 and 32 pixels and 1.7x faster at 224.
 // Block ops: the separable two-stage contraction per (sample, channel) with the same kernel,
-// cost O(N C kh H W), no H x W transform and no per-sample copies of the DCT rows (a block's
-// rows are a slice of the cached matrix). The kernel is compiled for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2+FMA) and baseline, chosen at load time (GCC function multi-versioning);
-// other platforms get the baseline.
+// cost O(N C K H W), no H x W transform and no per-sample copies of the DCT rows (a block's
+// rows are a slice of the cached matrix).
+// The product kernel is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline,
+// chosen at load time (GCC function multi-versioning); other platforms get the baseline.
 #include "../common.h"
 
 #include <ATen/Dispatch.h>
