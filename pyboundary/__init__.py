@@ -63,10 +63,23 @@ _EXPORTS = {
     "learn_mask": "masks",
 }
 
+# submodules reachable as attributes (``pyboundary.models.build``) without an explicit import
+_SUBMODULES = {
+    "ops", "reference", "subspaces", "data", "models", "margins", "store", "plot",
+    "transforms", "synthetic", "distributed", "curvature", "detection", "tracking", "adversarial",
+    "topology", "masks", "stats", "utils", "cli",
+}
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+# The engine function shares its name with its module: bind it eagerly, so that a later
+# ``import pyboundary.deepfool`` (done by every pipeline) cannot shadow it with the module.
+from .deepfool import DeepFoolResult, deepfool  # noqa: E402
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pyboundary' has no attribute {name!r}")
@@ -76,4 +89,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return __all__
+    return __all__ + sorted(_SUBMODULES)
