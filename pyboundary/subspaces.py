@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Sequence
 
 import torch
 from torch import Tensor

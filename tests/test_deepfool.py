@@ -1,7 +1,6 @@
 """The batched DeepFool engine: closed-form margins of affine models, trained nets, errors."""
 
 import math
-import warnings
 
 import pytest
 import torch
