@@ -11,7 +11,11 @@ ours additionally refines the boundary distance (extra forward passes).
 Run (from the repo root):
     .venv/bin/python -m pytest benchmarks/bench_scan.py -o python_files='bench_*.py' -s \
         --benchmark-group-by=group --benchmark-columns=min,median,rounds
-or as a script (prints the table):  .venv/bin/python benchmarks/bench_scan.py [--n 60] [--n-published 4]
+or as a script (prints the table):  .venv/bin/python benchmarks/bench_scan.py [--n 60] [--n-published 4] [--threads 1]
+
+Both pairs per wall second and pairs per CPU second (``time.process_time``) are reported; on a
+machine shared with other jobs, quote the CPU-time ratio at 1 thread (wall time there also
+counts waiting for a core).
 
 Model: the reference LeNet trained on Fashion-MNIST (``models.reference_model('lenet',
 'fashion-mnist')``, cached), 28x28 test images, ``dct:K=8,T=1`` (21 subspaces). The published
@@ -91,9 +95,12 @@ def run_published(model, x, family, n_images):
 
 
 def _timed(fn):
-    t0 = time.perf_counter()
+    """fn() -> (out, wall seconds, process CPU seconds). On a loaded machine wall time also counts
+    waiting for a core; at 1 thread the CPU time is the work done, so ratios of CPU times are the
+    load-independent comparison (wall and CPU figures are both reported)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 2),
@@ -109,30 +116,37 @@ def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 
     try:
         for t in threads:
             torch.set_num_threads(t)
-            ours, t_ours = _timed(lambda: margin_scan(model, ds.x, family, batch_size=batch_size, progress=False))
-            pub, t_pub = _timed(lambda: run_published(model, ds.x, family, n_published))
-            rows[t] = (ours.margins.numel() / t_ours, pub.numel() / t_pub)
+            ours, t_ours, c_ours = _timed(lambda: margin_scan(model, ds.x, family, batch_size=batch_size, progress=False))
+            pub, t_pub, c_pub = _timed(lambda: run_published(model, ds.x, family, n_published))
+            rows[t] = (ours.margins.numel() / t_ours, pub.numel() / t_pub,
+                       ours.margins.numel() / c_ours, pub.numel() / c_pub)
     finally:
         torch.set_num_threads(before)
     sub = ours.margins[:n_published].float()
     ok = torch.isfinite(sub) & torch.isfinite(pub)
     best_ours, best_pub = max(r[0] for r in rows.values()), max(r[1] for r in rows.values())
+    cpu1 = rows.get(1)
     return {
         "case": f"{arch} {dataset} {family.spec}",
         "backend": ops.backend()["ops"],
         "pairs_ours": ours.margins.numel(), "pairs_published": pub.numel(),
-        "by_threads": {t: {"ours": r[0], "published": r[1]} for t, r in rows.items()},
+        "by_threads": {t: {"ours": r[0], "published": r[1], "ours_cpu": r[2], "published_cpu": r[3]}
+                       for t, r in rows.items()},
         "pairs_per_s_ours": best_ours, "pairs_per_s_published": best_pub,
         "speedup": best_ours / best_pub,
+        # pairs per CPU second at 1 thread: the load-independent ratio (None without a 1-thread run)
+        "speedup_cpu_1thread": None if cpu1 is None else cpu1[2] / cpu1[3],
         "median_margin_ratio_published_over_ours": float((pub[ok] / sub[ok]).median()),
     }
 
 
 def _format(r) -> str:
     lines = [f"{r['case']}, ops backend {r['backend']}; {r['pairs_ours']} pairs (ours), {r['pairs_published']} pairs (published)",
-             f"{'threads':>7} {'ours pairs/s':>13} {'published pairs/s':>18} {'ratio':>7}"]
+             f"{'threads':>7} {'ours pairs/s':>13} {'published pairs/s':>18} {'ratio':>7}"
+             f" {'ours pairs/CPU-s':>17} {'published pairs/CPU-s':>22} {'CPU ratio':>9}"]
     for t, v in r["by_threads"].items():
-        lines.append(f"{t:>7} {v['ours']:13.2f} {v['published']:18.2f} {v['ours'] / v['published']:7.1f}")
+        lines.append(f"{t:>7} {v['ours']:13.2f} {v['published']:18.2f} {v['ours'] / v['published']:7.1f}"
+                     f" {v['ours_cpu']:17.2f} {v['published_cpu']:22.2f} {v['ours_cpu'] / v['published_cpu']:9.1f}")
     lines.append(f"best vs best: {r['pairs_per_s_ours']:.2f} / {r['pairs_per_s_published']:.2f} pairs/s = "
                  f"{r['speedup']:.1f}x (bar {BAR:.0f}x); median margin published/ours on shared pairs "
                  f"{r['median_margin_ratio_published_over_ours']:.3f}")

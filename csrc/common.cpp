@@ -79,6 +79,24 @@ void check_origins(const char* op, int64_t n, const at::Tensor& row0, const at::
   }
 }
 
+void check_analysis_args(const at::Tensor& x, const at::Tensor& row0, const at::Tensor& col0,
+                         int64_t kh, int64_t kw) {
+  const char* op = "dct_block_analysis";
+  check_float(op, "x", x);
+  check_rank(op, "x", x, 4, "(N, C, H, W)", false);
+  check_origins(op, x.size(0), row0, col0, x.device(), kh, kw, x.size(2), x.size(3));
+}
+
+void check_synthesis_args(const at::Tensor& coeffs, const at::Tensor& row0,
+                          const at::Tensor& col0, int64_t H, int64_t W) {
+  const char* op = "dct_block_synthesis";
+  check_float(op, "coeffs", coeffs);
+  check_rank(op, "coeffs", coeffs, 4, "(N, C, kh, kw)", false);
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1, op, ": H and W must be >= 1, got H=", H, ", W=", W);
+  check_origins(op, coeffs.size(0), row0, col0, coeffs.device(), coeffs.size(2), coeffs.size(3),
+                H, W);
+}
+
 bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double p, double eps) {
   const char* op = "deepfool_select";
   check_float(op, "gap", gap);
@@ -99,6 +117,12 @@ bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double
   TORCH_CHECK_VALUE(p == 2.0 || (std::isinf(p) && p > 0), op, ": p must be 2 or inf, got ", p);
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   return std::isinf(p);
+}
+
+SelectBuffers select_buffers(const at::Tensor& gap, const at::Tensor& grad_gap) {
+  const int64_t N = grad_gap.size(0), M = grad_gap.size(2);
+  return {gap.contiguous(), grad_gap.contiguous(), at::empty({N, M}, grad_gap.options()),
+          at::empty({N}, gap.options().dtype(at::kLong)), at::empty({N}, gap.options())};
 }
 
 // ---- DCT matrix cache ----------------------------------------------------------------------

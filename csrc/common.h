@@ -25,8 +25,24 @@ void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t d
 // the H x W grid. Reads the origins on the host (one device-to-host copy for CUDA inputs).
 void check_origins(const char* op, int64_t n, const at::Tensor& row0, const at::Tensor& col0,
                    const c10::Device& device, int64_t kh, int64_t kw, int64_t H, int64_t W);
+// dct_block_analysis arguments: x float (N, C, H, W), origins of (kh, kw) blocks inside H x W.
+void check_analysis_args(const at::Tensor& x, const at::Tensor& row0, const at::Tensor& col0,
+                         int64_t kh, int64_t kw);
+// dct_block_synthesis arguments: coeffs float (N, C, kh, kw), H, W >= 1, origins of the
+// (kh, kw) blocks inside H x W.
+void check_synthesis_args(const at::Tensor& coeffs, const at::Tensor& row0,
+                          const at::Tensor& col0, int64_t H, int64_t W);
 // deepfool_select arguments; returns true for p = inf, false for p = 2.
 bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double p, double eps);
+// deepfool_select buffers for checked arguments gap (N, k), grad_gap (N, k, M): the inputs made
+// contiguous and the uninitialised outputs step (N, M) (grad_gap's options), index (N,) int64
+// and dist (N,) (gap's options).
+struct SelectBuffers {
+  at::Tensor gap, grad_gap;
+  at::Tensor step, index, dist;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {step, index, dist}; }
+};
+SelectBuffers select_buffers(const at::Tensor& gap, const at::Tensor& grad_gap);
 
 // ---- DCT matrices -----------------------------------------------------------------------
 // Orthonormal DCT-II matrix C_n (n x n, row k = frequency) or its transpose, contiguous, of the

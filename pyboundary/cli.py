@@ -43,7 +43,8 @@ def _p_value(text: str) -> float:
     raise argparse.ArgumentTypeError(f"--p must be 2 or inf, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (plugins' ``register_cli`` use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -55,11 +56,11 @@ def _positive_int(text: str) -> int:
 
 def _add_engine_args(p) -> None:
     p.add_argument("--p", type=_p_value, default=2.0, help="margin norm: 2 or inf (default 2)")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="(sample, subspace) pairs per engine call (default 256)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="engine device (default cpu)")
-    p.add_argument("--candidates", type=_positive_int, default=10, help="DeepFool candidate classes (default 10)")
-    p.add_argument("--max-iter", type=_positive_int, default=50, help="DeepFool iterations (default 50)")
+    p.add_argument("--candidates", type=positive_int, default=10, help="DeepFool candidate classes (default 10)")
+    p.add_argument("--max-iter", type=positive_int, default=50, help="DeepFool iterations (default 50)")
     p.add_argument("--overshoot", type=float, default=0.02, help="DeepFool overshoot (default 0.02)")
     p.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "measure margins of test images in the 21 DCT blocks (K=8, T=1) of "
                                       "28x28 images, print the summary table and write the plots.")
     demo.add_argument("--out", default="pyboundary-demo", help="output folder (default ./pyboundary-demo)")
-    demo.add_argument("--n", type=_positive_int, default=200, help="number of test images (default 200)")
+    demo.add_argument("--n", type=positive_int, default=200, help="number of test images (default 200)")
     _add_engine_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--split", default="test", help="dataset split (default test)")
     scan.add_argument("--subspaces", required=True, help="subspace spec, e.g. dct:K=8,T=1, dct-grid:K=8, full")
     scan.add_argument("--out", required=True, help="output folder (scan.sqlite, summary.txt, PNG plots)")
-    scan.add_argument("--limit", type=_positive_int, default=None, help="scan a seeded subset of N samples")
+    scan.add_argument("--limit", type=positive_int, default=None, help="scan a seeded subset of N samples")
     scan.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     _add_engine_args(scan)
     scan.set_defaults(func=cmd_scan)

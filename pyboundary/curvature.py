@@ -155,6 +155,19 @@ class _Cost:
         self.forward = 0
         self.backward = 0
 
+    def counts(self) -> dict:
+        """The totals as the ``n_forward`` / ``n_backward`` fields of a result."""
+        return {"n_forward": self.forward, "n_backward": self.backward}
+
+
+def _fd_setup(x: Tensor, d: int, h, h_rel: float, seed):
+    """Common start of the finite-difference estimators for x (N, *shape), D = d.
+
+    Returns (steps hs (N,) in input units, a fresh :class:`_Cost`, x as rows (N, D), the
+    generator seeded by ``seed`` on x's device).
+    """
+    return finite_difference_step(x, h, h_rel), _Cost(), x.reshape(x.shape[0], d), make_generator(seed, x.device)
+
 
 def _chunks(r: int, batch_size: int):
     for s in range(0, r, batch_size):
@@ -178,16 +191,26 @@ def _pair_values(out: Tensor, i: Tensor, j: Tensor) -> Tensor:
     return out.gather(1, i.unsqueeze(1)).squeeze(1) - out.gather(1, j.unsqueeze(1)).squeeze(1)
 
 
+def _pair_grad(model, rows: Tensor, i: Tensor, j: Tensor, shape, create_graph: bool = False):
+    """F = f_i - f_j (B,) and its gradient (B, D) at one batch of rows (B, D).
+
+    Returns (xb, F, grad): xb is the leaf the gradient is taken with respect to (with
+    ``create_graph`` the gradient keeps its graph, for a second derivative w.r.t. xb).
+    """
+    xb = rows.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(xb.reshape(-1, *shape))
+        check_logits(out, xb.shape[0])
+        f = _pair_values(out, i, j)
+        (g,) = torch.autograd.grad(f.sum(), xb, create_graph=create_graph)
+    return xb, f, g
+
+
 def _grad_rows(model, rows: Tensor, i: Tensor, j: Tensor, shape, batch_size: int, cost: _Cost):
     """Values F = f_i - f_j (R,) and gradients (R, D) at rows (R, D), one pair per row."""
     vals, grads = [], []
     for sl in _chunks(rows.shape[0], batch_size):
-        xb = rows[sl].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = model(xb.reshape(-1, *shape))
-            check_logits(out, xb.shape[0])
-            f = _pair_values(out, i[sl], j[sl])
-            (g,) = torch.autograd.grad(f.sum(), xb)
+        xb, f, g = _pair_grad(model, rows[sl], i[sl], j[sl], shape)
         vals.append(f.detach())
         grads.append(g.detach())
         cost.forward += xb.shape[0]
@@ -199,12 +222,8 @@ def _exact_hvp_rows(model, rows, w, i, j, shape, batch_size, cost):
     """Exact H w (R, D) by double backward (zero where the graph has no second-order term)."""
     outs = []
     for sl in _chunks(rows.shape[0], batch_size):
-        xb = rows[sl].detach().clone().requires_grad_(True)
+        xb, _, g = _pair_grad(model, rows[sl], i[sl], j[sl], shape, create_graph=True)
         with torch.enable_grad():
-            out = model(xb.reshape(-1, *shape))
-            check_logits(out, xb.shape[0])
-            f = _pair_values(out, i[sl], j[sl])
-            (g,) = torch.autograd.grad(f.sum(), xb, create_graph=True)
             if g.requires_grad:
                 (hv,) = torch.autograd.grad((g * w[sl]).sum(), xb, allow_unused=True)
                 hv = torch.zeros_like(xb) if hv is None else hv
@@ -650,8 +669,7 @@ def principal_curvatures(
         method=method,
         scheme=scheme,
         at=at,
-        n_forward=cost.forward,
-        n_backward=cost.backward,
+        **cost.counts(),
     )
 
 
@@ -816,10 +834,7 @@ def mean_curvature(
     if estimator not in ("hutchinson", "trace", "both"):
         raise ValueError(f"estimator must be 'hutchinson', 'trace' or 'both', got {estimator!r}")
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
-    hs = finite_difference_step(x, h, h_rel)
-    cost = _Cost()
-    flat = x.reshape(n, d)
-    gen = make_generator(seed, x.device)
+    hs, cost, flat, gen = _fd_setup(x, d, h, h_rel, seed)
     with model_guard(model):
         logits = _logits_rows(model, flat, shape, batch_size, cost)
         if labels is None:
@@ -852,8 +867,7 @@ def mean_curvature(
         values=values,
         h=hs,
         n_dirs=n_dirs,
-        n_forward=cost.forward,
-        n_backward=cost.backward,
+        **cost.counts(),
     )
 
 
@@ -1035,10 +1049,7 @@ def relative_curvature(
     n, shape, d = xs.shape[0], tuple(xs.shape[1:]), xs[0].numel()
     basis = _check_basis(U, d, xs.dtype, xs.device)
     m = basis.shape[1]
-    hs = finite_difference_step(xs, h, h_rel)
-    cost = _Cost()
-    flat = xs.reshape(n, d)
-    gen = make_generator(seed, xs.device)
+    hs, cost, flat, gen = _fd_setup(xs, d, h, h_rel, seed)
     with model_guard(model):
         logits = _logits_rows(model, flat, shape, batch_size, cost)
         pi, pj = _resolve_pair(pair, logits)
@@ -1059,7 +1070,7 @@ def relative_curvature(
     rand = form[:, m:].abs().mean(1)
     rho = directional.abs() / rand.unsqueeze(1)
     return RelativeCurvature(rho=rho, mean=rho.mean(0), directional=directional, random_mean_abs=rand,
-                             n_forward=cost.forward, n_backward=cost.backward)
+                             **cost.counts())
 
 
 def subspace_fraction(v: Tensor, U) -> Tensor:
@@ -1130,16 +1141,7 @@ def noise_accuracy(
 
 def register_cli(subparsers) -> None:
     """Add ``pyboundary curvature``: principal and mean curvature statistics of a model on data."""
-    import argparse
-
-    def positive_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-        return value
+    from .cli import positive_int
 
     p = subparsers.add_parser(
         "curvature",

@@ -48,6 +48,14 @@ so rows that keep several candidates are re-forwarded alone for their extra grad
 and counts how often it differs from the full choice (``prune_choices``, ``prune_mismatch``);
 measured: never, in 9,365 audited choices (benchmarks/README.md).
 
+Dtypes: the search runs in the input's dtype (float32 or float64). Logits of another floating
+dtype (a float64 model fed float32 inputs, or a float16 head) are cast to the input dtype as they
+leave the model, so the gaps, scores and the gradients (which autograd returns in the input's
+dtype) meet in one dtype in :func:`pyboundary.ops.deepfool_select`; the float-noise bands of the
+flip test then use the input dtype's epsilon. Casting rather than rejecting: the input's precision
+bounds the precision of the perturbation anyway, and rejecting would force every caller to wrap
+models that upcast internally. For full float64 accuracy pass float64 inputs.
+
 Rows that share an input (a margin scan's (image, subspace) pairs) share the first forward pass
 and the first candidate gradients (computed in the whole space, then analysed per member).
 """
@@ -290,8 +298,11 @@ def _resolve_space(subspace, subspace_index, x, p):
 
 
 def _forward(ctx: _Ctx, xa: Tensor, grad_rows: int = 0) -> Tensor:
+    """model(xa), validated, in xa's dtype (see "Dtypes" in the module docstring)."""
     logits = ctx.model(xa)
     check_logits(logits, xa.shape[0])
+    if logits.dtype != xa.dtype:
+        logits = logits.to(xa.dtype)  # differentiable; the gaps then meet the gradients' dtype
     ctx.n_forward += 1
     ctx.trace.append((int(xa.shape[0]), int(grad_rows)))
     return logits

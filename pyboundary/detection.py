@@ -327,6 +327,8 @@ class CurvatureDetector:
 
 def register_cli(subparsers) -> None:
     """Add ``detect``: evaluate the detector on clean inputs and DeepFool-perturbed copies."""
+    from .cli import positive_int
+
     p = subparsers.add_parser(
         "detect",
         help="curvature-based detection of DeepFool-perturbed inputs",
@@ -337,9 +339,9 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="model spec (see pyboundary.models.load_model), e.g. lenet-fmnist")
     p.add_argument("--data", required=True, help="dataset name or folder (pyboundary.data.load_dataset)")
-    p.add_argument("--n", type=_positive_int, default=200, help="number of test inputs (default 200)")
+    p.add_argument("--n", type=positive_int, default=200, help="number of test inputs (default 200)")
     p.add_argument("--out", default=None, help="folder for the plots and results.json (default: none written)")
-    p.add_argument("--n-dirs", type=_positive_int, default=20, help="random directions per input (default 20)")
+    p.add_argument("--n-dirs", type=positive_int, default=20, help="random directions per input (default 20)")
     p.add_argument("--h-rel", type=float, default=DETECTION_H_REL,
                    help=f"finite-difference step relative to ||x|| (default {DETECTION_H_REL})")
     p.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
@@ -348,18 +350,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--profile-samples", type=int, default=4,
                    help="inputs for the curvature profile plot (dense Hessian; 0 = skip)")
     p.set_defaults(func=_cli_detect)
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _cli_detect(args) -> int:

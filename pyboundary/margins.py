@@ -429,7 +429,13 @@ def margin_scan(
         store: None, a path of a result store (SQLite), or an open ResultStore. A path that
             exists is refused unless ``resume``.
         resume: continue the scan in ``store`` (its metadata must match; done pairs are skipped).
-        limit: scan only the first ``limit`` samples.
+        limit: scan only the first ``limit`` samples of ``data`` as given (a prefix, no
+            shuffling; the data identity becomes ``<identity>[:limit]``). This differs from
+            ``pyboundary scan --limit N --seed S``, which draws a seeded random subset when it
+            loads the data: for the same samples in Python, load with
+            ``pyboundary.data.load_dataset(name, limit=N, seed=S)`` and pass that dataset
+            (``limit=None`` here). On a dataset already in a meaningful order (e.g. sorted by
+            class) a prefix is not a representative sample.
         progress: tqdm bar over pairs.
         device: where the engine runs (default: the model's parameters' device, else CPU);
             the data is moved there batch by batch.

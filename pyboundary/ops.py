@@ -29,15 +29,8 @@ from torch import Tensor
 from . import reference
 from .reference import DEFAULT_SELECT_EPS, dct_matrix  # noqa: F401  (re-exported helpers)
 
-__all__ = [
-    "backend",
-    "dct_matrix",
-    "dct2",
-    "idct2",
-    "dct_block_analysis",
-    "dct_block_synthesis",
-    "deepfool_select",
-]
+# the same public ops as the reference twins (their constant DEFAULT_SELECT_EPS is re-exported, unlisted)
+__all__ = ["backend"] + [name for name in reference.__all__ if name != "DEFAULT_SELECT_EPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRUE = ("1", "true", "yes", "on")

@@ -322,11 +322,44 @@ def _orthonormality_error(basis: Tensor) -> float:
     return float((gram - eye).abs().max()) if b.numel() else 0.0
 
 
+#: Gathered-basis path (batches holding several members): at most this many gathered basis entries
+#: (rows x D x r) exist at once; rows are processed in chunks of that size.
+_GATHER_ELEMS = 1 << 22
+#: ... and it is taken when gathering costs less than the per-member loop, modelled as
+#: (rows - members) * D * r extra copies <= members * _LOOP_COST (one loop iteration, ~6 small
+#: kernels, costs about as much as copying 2**15 numbers on a CPU). So one member per row always
+#: gathers; a few dense members shared by many rows (random:dim=192) keep the loop.
+_LOOP_COST = 1 << 15
+
+
+def _gather_pays(n_rows: int, n_present: int, D: int, r: int) -> bool:
+    """True when the batched gather path is cheaper than a loop over the members present."""
+    return n_present > 1 and (n_rows - n_present) * D * r <= n_present * _LOOP_COST
+
+
+def _per_row_basis(bank: Tensor, which: Tensor, v: Tensor, adjoint: bool) -> Tensor:
+    """out[n] = B_n^T v[n] (adjoint) or B_n v[n], with B_n = bank[which[n]] (D, r).
+
+    bank (u, D, r), which (N,) int64 in [0, u), v (N, D) or (N, r) -> (N, r) or (N, D).
+    Chunked over rows so that at most ``_GATHER_ELEMS`` gathered entries exist at once.
+    """
+    D, r = bank.shape[1], bank.shape[2]
+    step = max(1, _GATHER_ELEMS // (D * r))
+    outs = []
+    for s in range(0, v.shape[0], step):
+        b = bank[which[s : s + step]]
+        b = b.transpose(1, 2) if adjoint else b
+        outs.append(torch.bmm(b, v[s : s + step].unsqueeze(2)).squeeze(2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class _DenseBases(Subspace):
     """Members given by dense orthonormal bases B_i (D, m): analysis B^T x, synthesis B c.
 
-    Batches are processed per distinct member present in ``idx`` (a loop over members, never
-    over samples).
+    A batch with one member is one matmul. With several members, either each row's basis is
+    gathered into (rows, D, m) chunks for one batched matmul (when that is cheaper, see
+    :func:`_gather_pays`: e.g. one member per row), or the members present are processed in turn
+    (a loop over members, never over samples).
     """
 
     def __init__(self, image_shape, dim: int, n_members: int):
@@ -349,17 +382,32 @@ class _DenseBases(Subspace):
             self._cast[key] = b
         return b
 
+    def _bank(self, idx: Tensor, like: Tensor):
+        """(members present (u,), inverse (N,), bank (u, D, dim) or None if the loop is cheaper)."""
+        members, inv = torch.unique(idx, return_inverse=True)
+        if not _gather_pays(idx.shape[0], members.numel(), self.D, self.dim):
+            return members, inv, None
+        bank = torch.stack([self._basis_as(m, like.dtype, like.device) for m in members.tolist()])
+        return members, inv, bank
+
     def _analysis(self, x, idx):
         flat = x.reshape(x.shape[0], -1)
+        members, inv, bank = self._bank(idx, x)
+        if bank is not None:
+            return _per_row_basis(bank, inv, flat, adjoint=True)
         out = flat.new_zeros(x.shape[0], self.dim)
-        for member in torch.unique(idx).tolist():
+        for member in members.tolist():
             rows = (idx == member).nonzero().squeeze(1)
             out[rows] = flat[rows] @ self._basis_as(member, x.dtype, x.device)
         return out
 
     def _synthesis(self, coeffs, idx):
+        members, inv, bank = self._bank(idx, coeffs)
+        if bank is not None:
+            out = _per_row_basis(bank, inv, coeffs, adjoint=False)
+            return out.reshape((coeffs.shape[0],) + self.image_shape)
         out = coeffs.new_zeros(coeffs.shape[0], self.D)
-        for member in torch.unique(idx).tolist():
+        for member in members.tolist():
             rows = (idx == member).nonzero().squeeze(1)
             out[rows] = coeffs[rows] @ self._basis_as(member, coeffs.dtype, coeffs.device).T
         return out.reshape((coeffs.shape[0],) + self.image_shape)
@@ -553,10 +601,39 @@ class Directions(Subspace):
             self._cast[key] = v
         return v
 
+    def _bank(self, idx: Tensor, like: Tensor):
+        """(members present (u,), bank (n_sets, D, r) or None): the bank of all sets when they
+        have equal rank r and gathering pays (:func:`_gather_pays`), else None (member loop)."""
+        members = torch.unique(idx)
+        r = self._sets[0].shape[1]
+        if any(b.shape[1] != r for b in self._sets) or not _gather_pays(
+            idx.shape[0], members.numel(), self.D, r
+        ):
+            return members, None
+        key = ("bank", like.dtype, str(like.device))
+        bank = self._cast.get(key)
+        if bank is None:
+            bank = torch.stack(self._sets).to(dtype=like.dtype, device=like.device)
+            self._cast[key] = bank
+        return members, bank
+
     def _analysis(self, x, idx):
         flat = x.reshape(x.shape[0], -1)
         out = flat.new_zeros(x.shape[0], self.dim)
-        for member in torch.unique(idx).tolist():
+        members, bank = self._bank(idx, x)
+        if bank is not None:
+            r = bank.shape[2]
+            span = idx < self.n_sets
+            for rows, is_span in ((span.nonzero().squeeze(1), True), ((~span).nonzero().squeeze(1), False)):
+                if rows.numel():
+                    s = idx[rows] % self.n_sets
+                    coef = _per_row_basis(bank, s, flat[rows], adjoint=True)
+                    if is_span:
+                        out[rows, :r] = coef
+                    else:
+                        out[rows] = flat[rows] - _per_row_basis(bank, s, coef, adjoint=False)
+            return out
+        for member in members.tolist():
             rows = (idx == member).nonzero().squeeze(1)
             s = member % self.n_sets
             v = self._v(s, x.dtype, x.device)
@@ -569,7 +646,21 @@ class Directions(Subspace):
 
     def _synthesis(self, coeffs, idx):
         out = coeffs.new_zeros(coeffs.shape[0], self.D)
-        for member in torch.unique(idx).tolist():
+        members, bank = self._bank(idx, coeffs)
+        if bank is not None:
+            r = bank.shape[2]
+            span = idx < self.n_sets
+            for rows, is_span in ((span.nonzero().squeeze(1), True), ((~span).nonzero().squeeze(1), False)):
+                if rows.numel():
+                    s = idx[rows] % self.n_sets
+                    if is_span:
+                        out[rows] = _per_row_basis(bank, s, coeffs[rows, :r], adjoint=False)
+                    else:
+                        c = coeffs[rows]
+                        vtc = _per_row_basis(bank, s, c, adjoint=True)
+                        out[rows] = c - _per_row_basis(bank, s, vtc, adjoint=False)
+            return out.reshape((coeffs.shape[0],) + self.image_shape)
+        for member in members.tolist():
             rows = (idx == member).nonzero().squeeze(1)
             s = member % self.n_sets
             v = self._v(s, coeffs.dtype, coeffs.device)

@@ -7,6 +7,18 @@ import torch
 torch.set_num_threads(int(os.environ.get("PYBOUNDARY_TEST_THREADS", "2")))
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread (tiny models: faster, no contention with parallel jobs).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the previous count is restored.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test, excluded from the default run")

@@ -7,13 +7,7 @@ from torch import nn
 from pyboundary import adversarial as adv
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mlp(seed=0, d=12, classes=3):

@@ -119,6 +119,47 @@ def test_affine_subspace_linf_in_coordinates():
     torch.testing.assert_close(res.margin, _closed_form(model, x, 1.0, coords), rtol=1e-6, atol=0)
 
 
+class _UpcastAffine(Affine):
+    """Parameters in float64; casts the input up (float32 in -> float64 logits)."""
+
+    def forward(self, x):
+        return super().forward(x.double())
+
+
+class _DowncastAffine(Affine):
+    """Parameters in float32; casts the input down (float64 in -> float32 logits)."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+@pytest.mark.parametrize("p,q", [(2, 2.0), (math.inf, 1.0)])
+@pytest.mark.parametrize("subspace", [False, True])
+def test_logits_dtype_differs_from_input_dtype(p, q, subspace):
+    # used to raise "Index put requires the source and destination dtypes match"
+    shape = (1, 4, 4)
+    model, x = _affine(D=16, L=4, N=12, seed=4, shape=shape)
+    sub = DCTDiagonal(shape, K=2, T=2) if subspace else None
+    idx = torch.arange(12) % 2 if subspace else None
+    coords = None
+    if subspace:
+        def coords(dw):
+            n, L, _ = dw.shape
+            return sub.analysis(dw.reshape((n * L,) + shape), idx.repeat_interleave(L)).reshape(n, L, -1)
+    exact = _closed_form(model, x, q, coords)  # float64 ground truth
+    up = _UpcastAffine(model.W.detach().clone(), model.b.detach().clone())
+    res32 = deepfool(up, x.float(), p=p, subspace=sub, subspace_index=idx)
+    assert res32.perturbation.dtype == torch.float32 and res32.margin.dtype == torch.float32
+    assert res32.converged.all()
+    torch.testing.assert_close(res32.margin.double(), exact, rtol=1e-4, atol=0)
+    flipped = up(x.float() + res32.perturbation.reshape(x.shape)).argmax(1)
+    assert (flipped != res32.orig_label).all()
+    down = _DowncastAffine(model.W.detach().float(), model.b.detach().float())
+    res64 = deepfool(down, x, p=p, subspace=sub, subspace_index=idx)
+    assert res64.perturbation.dtype == torch.float64 and res64.converged.all()
+    torch.testing.assert_close(res64.margin, exact, rtol=1e-4, atol=0)
+
+
 def test_targeted_affine():
     model, x = _affine(L=4, N=20, seed=5)
     with torch.no_grad():

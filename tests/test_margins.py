@@ -116,7 +116,7 @@ def test_directions_on_synthetic_t1_and_failures_flagged():
 
     class Linear(nn.Module):  # logits (-<u1,x>, <u1,x>): boundary {<u1, x> = 0}
         def forward(self, x):
-            s = (x.reshape(len(x), -1) @ ds.u1.to(x.dtype)).unsqueeze(1)
+            s = (x.reshape(len(x), -1).double() @ ds.u1.double()).unsqueeze(1)  # float64 logits
             return torch.cat([-s, s], 1)
 
     fam = Directions(u1, (1, 4, 4), complement=True)
@@ -284,3 +284,18 @@ def test_channels_last_copy_same_margins_model_untouched():
     assert model[0].weight is weight and weight.is_contiguous() and model.training  # caller's model as found
     assert all(p.requires_grad for p in model.parameters()) and weight.grad is None
     assert fast.meta["model"] == plain.meta["model"]
+
+
+def test_limit_is_a_prefix_of_the_data_as_given():
+    from types import SimpleNamespace
+
+    model, x = Affine((1, 8, 8)), _data(n=10)
+    y = torch.arange(10) % 3
+    ds = SimpleNamespace(x=x, y=y, identity="abc", name="toy")
+    part = margin_scan(model, ds, "dct:K=4,T=2", limit=4, progress=False)
+    head = margin_scan(model, x[:4], "dct:K=4,T=2", labels=y[:4], progress=False)
+    assert part.margins.shape == (4, head.margins.shape[1])
+    torch.testing.assert_close(part.margins, head.margins, rtol=0, atol=0)
+    assert part.meta["data"]["identity"] == "abc[:4]"
+    torch.testing.assert_close(part.margins, _affine_margins(model, x[:4], DCTDiagonal((1, 8, 8), K=4, T=2)),
+                               rtol=3e-4, atol=0)

@@ -206,3 +206,59 @@ def test_bad_index_and_shapes():
         DCTDiagonal(SHAPE, K=4.0)
     with pytest.raises(ValueError, match="image_shape"):
         FullSpace((0, 3, 3))
+
+
+def _many_member_families():
+    """Families whose batches hold (nearly) one member per row: the gathered-basis path."""
+    D = math.prod(SHAPE)
+    g = torch.Generator().manual_seed(5)
+    sets1 = list(torch.randn(30, 1, D, generator=g, dtype=torch.float64))  # one direction per sample
+    sets2 = list(torch.randn(30, 2, D, generator=g, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(30, D, 3, generator=g, dtype=torch.float64))
+    return [
+        Directions(sets1, SHAPE),
+        Directions(sets2, SHAPE, complement=True),
+        UserBasis(q, SHAPE),
+        RandomSubspaces(SHAPE, dim=2, n=30, seed=4),
+    ]
+
+
+@pytest.mark.parametrize("sub", _many_member_families(), ids=lambda s: f"{type(s).__name__}-{s.dim}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_members_per_batch_gathered_equals_member_loop(sub, dtype, monkeypatch):
+    import pyboundary.subspaces as mod
+
+    n = 40
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randint(0, sub.n_members, (n,), generator=g)
+    idx[:sub.n_members // 2 + 1] = torch.arange(sub.n_members // 2 + 1) * 2 % sub.n_members
+    x = _x(n, seed=9, dtype=dtype)
+    coeffs = torch.randn(n, sub.dim, generator=g, dtype=torch.float64).to(dtype)
+    if isinstance(sub, Directions) and sub.complement:  # projection coordinates live in the member
+        coeffs = sub.analysis(x, idx)
+    calls = []
+    real = mod._per_row_basis
+    monkeypatch.setattr(mod, "_per_row_basis", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mod, "_GATHER_ELEMS", 7 * sub.D * 3)  # several chunks per call
+    fast_a, fast_s = sub.analysis(x, idx), sub.synthesis(coeffs, idx)
+    assert calls, "the gathered path was not taken"
+    monkeypatch.setattr(mod, "_gather_pays", lambda *a: False)
+    calls.clear()
+    loop_a, loop_s = sub.analysis(x, idx), sub.synthesis(coeffs, idx)
+    assert not calls
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(fast_a, loop_a, rtol=tol, atol=tol)
+    torch.testing.assert_close(fast_s, loop_s, rtol=tol, atol=tol)
+    assert fast_a.dtype == dtype and fast_s.shape == (n,) + SHAPE
+    # and the loop itself agrees with one sample at a time for a few rows
+    for i in (0, 5, n - 1):
+        one = sub.analysis(x[i : i + 1], idx[i : i + 1])
+        torch.testing.assert_close(fast_a[i : i + 1], one, rtol=tol, atol=tol)
+
+
+def test_gather_cost_model_keeps_loop_for_few_dense_members():
+    import pyboundary.subspaces as mod
+
+    assert mod._gather_pays(100, 100, 784, 1)  # one direction per sample
+    assert not mod._gather_pays(100, 10, 784, 192)  # random:dim=192,n=10 shared by many rows
+    assert not mod._gather_pays(100, 1, 784, 1)  # a single member: one matmul already

@@ -10,13 +10,7 @@ from pyboundary import tracking
 from pyboundary.tracking import MarginTracker
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and does not contend with parallel jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Affine2(nn.Module):

@@ -110,18 +110,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deepfool_select_cpu(const at::Ten
                                                                    double p, double eps) {
   const bool p_inf = check_select_args(gap, grad_gap, p, eps);
   const int64_t N = grad_gap.size(0), K = grad_gap.size(1), M = grad_gap.size(2);
-  const at::Tensor gap_c = gap.contiguous();
-  const at::Tensor grad_c = grad_gap.contiguous();
-  at::Tensor step = at::empty({N, M}, grad_gap.options());
-  at::Tensor index = at::empty({N}, gap.options().dtype(at::kLong));
-  at::Tensor dist = at::empty({N}, gap.options());
-  if (N == 0) return {step, index, dist};
+  SelectBuffers b = select_buffers(gap, grad_gap);
+  if (N == 0) return b.outputs();
   AT_DISPATCH_FLOATING_TYPES(gap.scalar_type(), "deepfool_select_cpu", [&] {
-    select_kernel<scalar_t>(gap_c.const_data_ptr<scalar_t>(), grad_c.const_data_ptr<scalar_t>(),
-                            N, K, M, p_inf, eps, step.mutable_data_ptr<scalar_t>(),
-                            index.mutable_data_ptr<int64_t>(), dist.mutable_data_ptr<scalar_t>());
+    select_kernel<scalar_t>(b.gap.const_data_ptr<scalar_t>(),
+                            b.grad_gap.const_data_ptr<scalar_t>(), N, K, M, p_inf, eps,
+                            b.step.mutable_data_ptr<scalar_t>(), b.index.mutable_data_ptr<int64_t>(),
+                            b.dist.mutable_data_ptr<scalar_t>());
   });
-  return {step, index, dist};
+  return b.outputs();
 }
 
 }  // namespace pyboundary

@@ -130,11 +130,8 @@ at::Tensor idct2_cuda(const at::Tensor& x) {
 
 at::Tensor dct_block_analysis_cuda(const at::Tensor& x, const at::Tensor& row0,
                                    const at::Tensor& col0, int64_t kh, int64_t kw) {
-  const char* op = "dct_block_analysis";
-  check_float(op, "x", x);
-  check_rank(op, "x", x, 4, "(N, C, H, W)", false);
+  check_analysis_args(x, row0, col0, kh, kw);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  check_origins(op, N, row0, col0, x.device(), kh, kw, H, W);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({N, C, kh, kw}, x.options());
   if (out.numel() == 0) return out;
@@ -161,13 +158,9 @@ at::Tensor dct_block_analysis_cuda(const at::Tensor& x, const at::Tensor& row0,
 
 at::Tensor dct_block_synthesis_cuda(const at::Tensor& coeffs, const at::Tensor& row0,
                                     const at::Tensor& col0, int64_t H, int64_t W) {
-  const char* op = "dct_block_synthesis";
-  check_float(op, "coeffs", coeffs);
-  check_rank(op, "coeffs", coeffs, 4, "(N, C, kh, kw)", false);
-  TORCH_CHECK_VALUE(H >= 1 && W >= 1, op, ": H and W must be >= 1, got H=", H, ", W=", W);
+  check_synthesis_args(coeffs, row0, col0, H, W);
   const int64_t N = coeffs.size(0), C = coeffs.size(1);
   const int64_t kh = coeffs.size(2), kw = coeffs.size(3);
-  check_origins(op, N, row0, col0, coeffs.device(), kh, kw, H, W);
   const c10::cuda::CUDAGuard guard(coeffs.device());
   at::Tensor out = at::empty({N, C, H, W}, coeffs.options());
   if (out.numel() == 0) return out;

@@ -78,23 +78,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deepfool_select_cuda(const at::Te
   const bool p_inf = check_select_args(gap, grad_gap, p, eps);
   const c10::cuda::CUDAGuard guard(grad_gap.device());
   const int64_t N = grad_gap.size(0), K = grad_gap.size(1), M = grad_gap.size(2);
-  const at::Tensor gap_c = gap.contiguous();
-  const at::Tensor grad_c = grad_gap.contiguous();
-  at::Tensor step = at::empty({N, M}, grad_gap.options());
-  at::Tensor index = at::empty({N}, gap.options().dtype(at::kLong));
-  at::Tensor dist = at::empty({N}, gap.options());
-  if (N == 0) return {step, index, dist};
+  SelectBuffers b = select_buffers(gap, grad_gap);
+  if (N == 0) return b.outputs();
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int>::max(), "deepfool_select: N=", N,
                     " samples exceed the CUDA grid limit");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(gap.scalar_type(), "deepfool_select_cuda", [&] {
     select_kernel<scalar_t><<<static_cast<unsigned int>(N), kSelectThreads, 0, stream>>>(
-        gap_c.const_data_ptr<scalar_t>(), grad_c.const_data_ptr<scalar_t>(), K, M, p_inf, eps,
-        step.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>(),
-        dist.mutable_data_ptr<scalar_t>());
+        b.gap.const_data_ptr<scalar_t>(), b.grad_gap.const_data_ptr<scalar_t>(), K, M, p_inf, eps,
+        b.step.mutable_data_ptr<scalar_t>(), b.index.mutable_data_ptr<int64_t>(),
+        b.dist.mutable_data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {step, index, dist};
+  return b.outputs();
 }
 
 }  // namespace pyboundary
