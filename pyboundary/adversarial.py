@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .utils import check_finite, forward_logits, is_inf, make_generator, model_guard
+from .utils import (
+    check_finite, explain_dtype_errors, forward_logits, is_inf, make_generator, model_guard,
+)
 
 __all__ = [
     "pgd",
@@ -148,7 +150,7 @@ def pgd(
     if clamp is not None:
         delta = (x + delta).clamp(*clamp) - x
     sign = -1.0 if targeted else 1.0
-    with model_guard(model):
+    with model_guard(model), explain_dtype_errors(model, x):
         for _ in range(steps):
             x_adv = (x + delta).requires_grad_(True)
             with torch.enable_grad():

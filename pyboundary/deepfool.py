@@ -73,7 +73,9 @@ from torch import Tensor
 from . import ops
 from .stats import summarize
 from .subspaces import Subspace
-from .utils import check_finite, check_logits, is_inf, make_generator, model_guard
+from .utils import (
+    check_finite, explain_dtype_errors, check_logits, is_inf, make_generator, model_guard,
+)
 
 __all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
 
@@ -832,7 +834,7 @@ def deepfool(
     x = x.detach()
     bs = n if batch_size is None else batch_size
     parts = []
-    with model_guard(model), torch.enable_grad():
+    with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
         for s in range(0, n, max(bs, 1)):
             e = min(n, s + bs)
             parts.append(_run_chunk(ctx, x[s:e], idx[s:e], None if labels is None else labels[s:e],

@@ -10,7 +10,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["model_guard", "check_finite", "check_logits", "make_generator", "forward_logits"]
+__all__ = [
+    "model_guard", "check_finite", "check_logits", "explain_dtype_errors", "make_generator",
+    "forward_logits",
+]
 
 
 @contextlib.contextmanager
@@ -21,11 +24,23 @@ def model_guard(model: Callable, *, eval_mode: bool = True) -> Iterator[Callable
     ``requires_grad=False``, so gradients with respect to the input never touch parameter
     ``.grad`` and cost no parameter-gradient work. On exit the per-module training flags and
     per-parameter ``requires_grad`` flags are restored, also when the block raises.
-    Plain callables (not ``nn.Module``) pass through unchanged.
+    Plain callables (not ``nn.Module``) pass through unchanged. The block runs outside
+    ``torch.inference_mode`` even when the caller is inside it.
     """
-    if not isinstance(model, nn.Module):
-        yield model
-        return
+    # Every pipeline differentiates through the model: lift an enclosing torch.inference_mode(),
+    # under which torch.enable_grad() alone would not record a graph. inference_mode(False)
+    # switches grad mode on, so the caller's grad mode is put back explicitly.
+    grad_enabled = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled):
+        if not isinstance(model, nn.Module):
+            yield model
+            return
+        with _frozen(model, eval_mode):
+            yield model
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, eval_mode: bool) -> Iterator[None]:
     training = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -33,7 +48,7 @@ def model_guard(model: Callable, *, eval_mode: bool = True) -> Iterator[Callable
             model.eval()
         for p, _ in requires:
             p.requires_grad_(False)
-        yield model
+        yield
     finally:
         for m, flag in training:
             m.training = flag
@@ -108,3 +123,28 @@ def is_inf(p) -> bool:
     if isinstance(p, str):
         return p.lower() in ("inf", "linf", "l-inf")
     return math.isinf(float(p))
+
+
+
+@contextlib.contextmanager
+def explain_dtype_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iterator[None]:
+    """Turn a model failure caused by mixing float32 and float64 into a TypeError naming ``x``.
+
+    A float64 ``x`` fed to a float32 model fails deep inside the model with a torch error about
+    matrix dtypes. Models that cast their input themselves are fine, so nothing is checked up
+    front: only when the block raises a RuntimeError while x's dtype differs from the model's
+    parameters is the error re-raised as a TypeError that says what to convert.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        param = None
+        if isinstance(model, nn.Module):
+            param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is None or param.dtype == x.dtype:
+            raise
+        raise TypeError(
+            f"the model failed on {name} of dtype {x.dtype}, and its parameters are {param.dtype}; "
+            f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
+            f"Model error: {err}"
+        ) from err

@@ -469,3 +469,21 @@ def test_shared_first_step_for_repeated_inputs(cnn, digits):
     res = deepfool(cnn, xs, labels=labels, subspace=sub, subspace_index=idx, max_iter=100)
     assert res.trace[0][0] == xs.shape[0] and res.misclassified[0] and res.margin[0] == 0
     torch.testing.assert_close(res.margin[1:], shared.margin[1:], rtol=1e-4, atol=1e-6)
+
+
+def test_runs_inside_inference_mode_and_keeps_callers_grad_mode():
+    model, x = _affine(D=12, L=4, N=6)
+    expected = deepfool(model, x).margin
+    with torch.inference_mode():
+        got = deepfool(model, x).margin
+    assert torch.allclose(got, expected)
+    with torch.no_grad():
+        with utils.model_guard(model):
+            assert not torch.is_grad_enabled()
+
+
+def test_float64_input_to_float32_model_is_a_clear_type_error():
+    model, x = _affine(D=12, L=4, N=6)
+    model = model.float()
+    with pytest.raises(TypeError, match=r"x of dtype torch.float64.*parameters are torch.float32"):
+        deepfool(model, x.double())
