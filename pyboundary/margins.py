@@ -9,8 +9,11 @@ recomputing or duplicating a pair; since the batch grid is fixed, a resumed (or 
 scan computes each pair in the same batch as an uninterrupted one and gets the same numbers. The result is a
 :class:`MarginScan` (tables of margins, per-subspace summaries, plots).
 
-Units: a margin is the norm (L2 for p = 2, L-inf for p = inf) of the minimal perturbation found
-inside the subspace member, in input units (the data's pixel scale, e.g. [0, 1]). A pair the
+Units: a margin is the norm of the minimal perturbation found inside the subspace member, in
+input units (the data's pixel scale, e.g. [0, 1]): L2 for p = 2 (the same in pixels and in the
+member's orthonormal coordinates); for p = inf, the L-inf norm of the pixels in the whole space
+but of the member's *coordinates* inside a subspace (the engine's convention, see
+:mod:`pyboundary.deepfool`; :attr:`MarginScan.norm_name` says which). A pair the
 engine could not flip has margin +inf and ``converged`` False; it is never averaged in.
 """
 
@@ -118,13 +121,21 @@ class MarginScan:
                 rows.append({"subspace": j, "member": member, "group": group, **stats})
         return rows
 
+    @property
+    def norm_name(self) -> str:
+        """What the margins measure: 'L2', 'L-inf' (pixels, whole space) or 'L-inf of subspace
+        coordinates' (p = inf inside a subspace family)."""
+        if not is_inf(self.p):
+            return "L2"
+        return "L-inf" if self.subspace_spec == "full" else "L-inf of subspace coordinates"
+
     def format_summary(self) -> str:
         """The summary as a text table (one line per subspace; medians of correct/wrong samples
         when labels are known)."""
         rows = self.summary()
         by = {(r["subspace"], r["group"]): r for r in rows}
         split = self.labels is not None
-        norm = "L-inf" if is_inf(self.p) else "L2"
+        norm = self.norm_name
         head = f"{'#':>3} {'member':>10} {'conv/n':>9} {'median':>9} {'p5':>9} {'p95':>9} {'mean':>9} {'se':>9}"
         if split:
             head += f" {'med.ok':>9} {'med.wrong':>9}"
@@ -313,7 +324,7 @@ def _engine_params(p, options: dict) -> dict:
 def _model_identity(model, model_name) -> dict:
     from .models import weights_hash
 
-    name = model_name or type(model).__name__
+    name = model_name or getattr(model, "__qualname__", None) or type(model).__name__
     try:
         digest = weights_hash(model)
     except TypeError:
@@ -462,6 +473,12 @@ def margin_scan(
                                               model_name=model_name, **engine_options)
     dev = _model_device(model, device)
     _check_shard(shard)
+    if store is not None and meta["model"]["weights_hash"] is None and model_name is None:
+        raise ValueError(
+            "margin_scan: the model is a plain callable, so a store cannot verify on resume that "
+            "it is the same model; pass model_name='...' naming it uniquely (or scan an nn.Module, "
+            "whose weights are hashed)"
+        )
     st, opened = _open_store(store, resume, meta)
     try:
         batches = _batch_grid(x.shape[0], family.n_members, batch_size, shard)

@@ -31,7 +31,8 @@ def _pyplot():
 
 
 def _norm_name(scan) -> str:
-    return "‖δ‖∞" if math.isinf(scan.p) else "‖δ‖₂"
+    names = {"L2": "‖δ‖₂", "L-inf": "‖δ‖∞", "L-inf of subspace coordinates": "‖coords(δ)‖∞"}
+    return names[scan.norm_name]
 
 
 def _good(scan) -> np.ndarray:

@@ -59,7 +59,7 @@ def test_scan_then_show(tmp_path, tiny_model, capsys):
 def test_linf_scan(tmp_path, tiny_model, capsys):
     out = tmp_path / "linf"
     assert cli.main(_scan_args(out, tiny_model, "--p", "inf")) == 0
-    assert "L-inf margins" in capsys.readouterr().out
+    assert "L-inf of subspace coordinates margins" in capsys.readouterr().out  # a DCT family
     assert MarginScan.load(out / "scan.sqlite").p == math.inf
 
 

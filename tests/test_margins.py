@@ -299,3 +299,17 @@ def test_limit_is_a_prefix_of_the_data_as_given():
     assert part.meta["data"]["identity"] == "abc[:4]"
     torch.testing.assert_close(part.margins, _affine_margins(model, x[:4], DCTDiagonal((1, 8, 8), K=4, T=2)),
                                rtol=3e-4, atol=0)
+
+
+def test_plain_callable_needs_a_name_to_be_stored(tmp_path):
+    model = Affine((1, 8, 8))
+    x = _data(n=4)
+
+    def fn(z):
+        return model(z)
+
+    with pytest.raises(ValueError, match="model_name"):
+        margin_scan(fn, x, "dct:K=4,T=2", store=tmp_path / "s.sqlite", progress=False)
+    scan = margin_scan(fn, x, "dct:K=4,T=2", store=tmp_path / "s.sqlite", model_name="affine-seed0",
+                       progress=False)
+    assert scan.complete
