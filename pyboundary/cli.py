@@ -209,6 +209,11 @@ def cmd_demo(args) -> int:
     model = models.reference_model("lenet", "fashion-mnist", progress=not args.no_progress)
     ds = data.load_dataset("fashion-mnist", split="test", limit=args.n, seed=0)
     print(f"model ready in {time.perf_counter() - t0:.0f} s; scanning {ds.x.shape[0]} test images x 21 DCT blocks")
+    if (Path(args.out) / STORE_NAME).exists() and not args.resume:
+        # Running the demo again continues (or just shows) the earlier run; the store still
+        # refuses it if the settings differ.
+        print(f"{args.out}/{STORE_NAME} exists: resuming it (finished pairs are not recomputed)")
+        args.resume = True
     scan = _run_scan(model, ds, "dct:K=8,T=1", args, model_name="lenet-fmnist (reference)")
     if scan is not None:
         _report(scan, Path(args.out))

@@ -688,6 +688,31 @@ def load_model(spec: str, in_shape=None, n_classes: int | None = None) -> nn.Mod
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"model spec must be a non-empty str, got {spec!r}")
+    model = _load_spec(spec, in_shape, n_classes)
+    if in_shape is not None:
+        _check_fits(model, spec, tuple(in_shape), n_classes)
+    return model
+
+
+def _check_fits(model, spec: str, in_shape: tuple, n_classes: int | None) -> None:
+    """One forward pass on zeros: the model must take (1, *in_shape) and give (1, n_classes)."""
+    from .utils import model_guard
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with model_guard(model), torch.no_grad():
+        try:
+            out = model(torch.zeros((1,) + in_shape, dtype=dtype))
+        except RuntimeError as err:
+            raise ValueError(f"model {spec!r} does not accept inputs of shape {in_shape} "
+                             f"(the data's shape): {err}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"model {spec!r} must return (N, classes) logits, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    if n_classes is not None and out.shape[1] != n_classes:
+        raise ValueError(f"model {spec!r} returns {out.shape[1]} classes but the data has {n_classes}")
+
+
+def _load_spec(spec: str, in_shape, n_classes) -> nn.Module:
     if spec in _PRETRAINED:
         return _PRETRAINED[spec]()
     builtin = _parse_builtin(spec)

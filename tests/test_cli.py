@@ -1,6 +1,7 @@
 """The command line end to end on sklearn digits with a tiny seeded model (no training)."""
 
 import math
+import os
 import sys
 
 import pytest
@@ -120,3 +121,22 @@ def test_parser_lists_subcommands_and_plugins(capsys):
             assert command in names
     assert cli.main(["--help"]) == 0
     assert cli.main([]) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_demo_runs_twice_and_resumes(tmp_path, monkeypatch, capsys):
+    from pyboundary import models
+
+    torch.manual_seed(0)
+    untrained = models.build("lenet", (1, 28, 28), 10)  # stands in for the cached reference model
+    monkeypatch.setattr(models, "reference_model", lambda *a, **k: untrained)
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n", "3", "--no-progress", "--max-iter", "5"]
+    assert cli.main(args) == 0
+    first = MarginScan.load(out / "scan.sqlite")
+    assert first.n_samples == 3 and first.n_subspaces == 21
+    assert cli.main(args) == 0  # a second run resumes the finished scan instead of failing
+    assert "resuming it" in capsys.readouterr().out
+    assert MarginScan.load(out / "scan.sqlite") == first
+    assert cli.main(args[:4] + ["4"] + args[5:]) == 2  # other settings: refused, nothing overwritten

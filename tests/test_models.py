@@ -263,6 +263,12 @@ def test_load_model_module_function(tmp_path, monkeypatch):
         load_model("my_models_mod:missing")
     with pytest.raises(ValueError, match="cannot import module"):
         load_model("no_such_module_xyz:make")
+    # the data's shape and class count are checked with one forward pass
+    assert isinstance(load_model("my_models_mod:make", in_shape=(1, 2, 2), n_classes=3), nn.Module)
+    with pytest.raises(ValueError, match=r"does not accept inputs of shape \(1, 8, 8\)"):
+        load_model("my_models_mod:make", in_shape=(1, 8, 8), n_classes=3)
+    with pytest.raises(ValueError, match="returns 3 classes but the data has 10"):
+        load_model("my_models_mod:make", in_shape=(4,), n_classes=10)
     sys.modules.pop("my_models_mod", None)
 
 
