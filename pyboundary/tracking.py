@@ -134,8 +134,10 @@ class MarginTracker:
         if epoch in self.epochs:
             raise ValueError(f"epoch {epoch} was already measured")
         rows = {c: [] for c in _COLUMNS}
+        # the tracked inputs follow the model (e.g. trained on CUDA while the subsets live on CPU)
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         for split in self.splits:
-            x = self.x[split]
+            x = self.x[split] if param is None else self.x[split].to(param.device)
             pred = None
             for norm in self.norms:
                 p = math.inf if norm == "linf" else 2
