@@ -237,7 +237,14 @@ def find_path(
     dkw = dict(deepfool_kwargs or {})
     with model_guard(model):
         ends = torch.stack([x1.detach(), x2.detach().to(x1.dtype)])
-        lab = predict(model, ends, counter=counter)
+        try:
+            lab = predict(model, ends, counter=counter)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the model cannot classify x1/x2 of shape {tuple(x1.shape)} stacked into a batch "
+                f"{tuple(ends.shape)}: x1 and x2 must be single inputs without a batch dimension "
+                f"(for a batch of one, pass x[0]). Model error: {err}"
+            ) from err
         label = int(lab[0])
         if int(lab[1]) != label:
             raise ValueError(

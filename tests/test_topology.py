@@ -91,6 +91,11 @@ def test_find_path_bad_arguments():
         topo.find_path(model, a, a, max_depth=-1)
     with pytest.raises(ValueError, match="n_check"):
         topo.find_path(model, a, a, n_check=0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    img = torch.rand(1, 1, 6, 6)  # a batch of one: find_path wants img[0]
+    conv(img)
+    with pytest.raises(ValueError, match="without a batch dimension"):
+        topo.find_path(conv, img, img)
 
 
 def test_targeted_deepfool_rejects_target_equal_to_current_class():
