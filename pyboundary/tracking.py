@@ -374,6 +374,10 @@ def track(
         from .store import ResultStore
 
         out = Path(out)
+        if (out / "track.sqlite").exists():
+            raise ValueError(f"{str(out / 'track.sqlite')!r} already holds a tracked training run; a "
+                             "training run cannot be resumed, so choose another --out (results are "
+                             "never overwritten)")
         out.mkdir(parents=True, exist_ok=True)
         meta = {"pipeline": "tracking", "arch": arch, "data": data, "train_identity": train_set.identity,
                 "test_identity": test_set.identity, "epochs": epochs, "adversarial": adversarial or "",

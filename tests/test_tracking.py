@@ -184,3 +184,5 @@ def test_cli_track_runs_end_to_end(tmp_path, capsys):
     assert (out / "transitions_test.png").exists() and (out / "hist_train_linf.png").exists()
     with pytest.raises(ValueError, match="attack"):
         tracking.track("mlp", "digits", epochs=1, adversarial="fgsm:eps=1", n_track=4)
+    with pytest.raises(ValueError, match="cannot be resumed, so choose another --out"):
+        tracking.track("mlp", "digits", epochs=1, n_track=4, out=out)
