@@ -21,7 +21,11 @@ Algorithm (per chunk of ``batch_size`` samples, all samples of a chunk in one ba
    state r is projected after each step so that it equals the realised perturbation (the part the
    box cuts off is dropped, as in adv-lib); the step gets an extra push of 1e-3 x max|logit| past
    the linearised boundary (foolbox adds 1e-4 logits). Clipping costs iterations (~6 instead of
-   ~2.4 on a Fashion-MNIST CNN) and gives larger margins.
+   ~2.4 on a Fashion-MNIST CNN for L2) and gives larger margins. For p = inf the step solves the
+   linearised problem over the box instead (:func:`_box_linf_step`: coordinates move by
+   min(t, room to the face); the candidate with the smallest box-aware t wins), its first step
+   aiming at ``_CLAMP_LINF_FIRST_FRACTION`` (0.7) of the gap: ~3.0 instead of ~5.2 iterations at
+   the same margins.
 4. Failures (``max_iter`` steps without a label change) get ``converged=False`` and margin inf.
    ``noise_retries`` restarts them from a seeded Gaussian start in the subspace.
 
@@ -104,6 +108,16 @@ _SPLIT_FRACTION = 0.5
 #: (foolbox adds 1e-4 logits). 1e-3 (~1e-2 logits on the reference CNN) cut the clipped L2 run
 #: from 11.0 (1e-4 logits) to 6.4 iterations per sample at +0.1 % median margin.
 _CLAMP_PUSH = 1e-3
+#: With clamp and p = inf the steps solve the linearised problem over the box
+#: (:func:`_box_linf_step`); the first step, from the clean input, aims at this fraction of the
+#: linearised gap only. Full box-aware steps from the start halved the iterations but gave 4-5 %
+#: larger margins per sample (the sign direction at the clean input is the least reliable
+#: linearisation); measured on the reference CNN, 1000 inputs, per-sample margin ratio to the
+#: former creeping steps (geometric mean) / forward passes: 1.0 -> +5.0 % / -46 %, 0.8 -> +1.2 %,
+#: 0.7 -> +0.35 % / -32 %, 0.6 -> 0.0 % / -27 %.
+_CLAMP_LINF_FIRST_FRACTION = 0.7
+#: Absolute push of ops.deepfool_select, relative to its eps (its documented formula).
+_SELECT_ABS_PUSH = 1e-3
 
 
 @dataclass
@@ -565,13 +579,17 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
         # aim past the float-noise band of the flip test (and further with a clamp)
         push = 2 * _NOISE_ULPS * torch.finfo(logits.dtype).eps + (_CLAMP_PUSH if ctx.clamp else 0.0)
         gap = gap - push * logits.abs().amax(1, keepdim=True)
-        if keep is not None and ctx.prune == "audit":
+        box = ctx.clamp is not None and math.isinf(ctx.p)
+        audit = keep is not None and ctx.prune == "audit"
+        if audit and not box:
             _, full_idx, _ = ops.deepfool_select(gap, gc, ctx.p)
             step, idx_p, _ = ops.deepfool_select(gap, gc * keep.unsqueeze(2).to(gc.dtype), ctx.p)
             ctx.prune_choices += n
             ctx.prune_mismatch += int((idx_p != full_idx).sum())
         else:
             step, _, _ = ops.deepfool_select(gap, gc, ctx.p)
+        if box:
+            step = _box_linf_step(ctx, ch, ar, gap, gc, step, keep if audit else None)
         r_new = ch.r[ar] + step
         if ctx.clamp is not None:
             # keep the state equal to the realised perturbation: the part of the accumulated
@@ -580,6 +598,70 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
             x0f = ch.x0[ar].reshape(n, -1)
             r_new = ((x0f + scale * r_new).clamp(*ctx.clamp) - x0f) / scale
         ch.r[ar] = r_new
+
+
+def _box_linf_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: Tensor,
+                   keep: Tensor | None) -> Tensor:
+    """Box-aware L-inf step (clamp set, p = inf, whole space): the linearised problem over the box.
+
+    From the iterate x0 + s r (s = 1 + overshoot, inside the box), coordinate i can move the
+    state by at most room_i = (hi - x0_i)/s - r_i in the direction sign(g_i) > 0 (r_i - (lo -
+    x0_i)/s for sign(g_i) < 0). min ||step||_inf s.t. <g, step> >= b over that box has the value
+    t = the root of phi(t) = sum_i |g_i| min(t, room_i) = b (:func:`_box_linf_root`) and the
+    solution step_i = sign(g_i) min(t, room_i). b is the push of :func:`ops.deepfool_select`
+    (the gap, slightly more), times ``_CLAMP_LINF_FIRST_FRACTION`` for the first step from the
+    clean input. The candidate with the smallest box-aware t wins (pruned candidates, zero
+    gradient, are never chosen). Rows where no candidate can reach its linearised boundary
+    inside the box keep the unconstrained step of ``deepfool_select`` (the projection cuts it).
+
+    gap: (n, J') pushed gaps (<= 0); gc: (n, J', M) gradients; step: (n, M) unconstrained step;
+    keep: (n, J') candidates kept by pruning in audit mode (gc holds all candidates; the step
+    uses the kept ones and prune_choices / prune_mismatch count the box-aware choices), else
+    None (pruned slots have zero gradients). Returns the (n, M) step.
+    """
+    n, Jp, M = gc.shape
+    s = 1.0 + ctx.overshoot
+    x0 = ch.x0[ar].reshape(n, 1, M)
+    r = ch.r[ar].reshape(n, 1, M)
+    room = torch.where(gc > 0, ((ctx.clamp[1] - x0) / s - r).clamp_min(0),
+                       (r - (ctx.clamp[0] - x0) / s).clamp_min(0))  # (n, J', M)
+    w = gc.abs()
+    b = (1.0 + ops.DEFAULT_SELECT_EPS) * gap.abs() + _SELECT_ABS_PUSH * ops.DEFAULT_SELECT_EPS
+    first = (r == 0).all(-1)  # (n, 1): the step from the clean input
+    b = torch.where(first, _CLAMP_LINF_FIRST_FRACTION * b, b)
+    t, feasible = _box_linf_root(w, room, b)
+    ok = feasible & (w.sum(-1) > 0)
+    t_best, c = torch.where(ok & keep if keep is not None else ok, t, torch.full_like(t, math.inf)).min(1)
+    if keep is not None:  # audit: the choice among all candidates vs the pruned one
+        full = torch.where(ok, t, torch.full_like(t, math.inf)).min(1)
+        ctx.prune_choices += n
+        ctx.prune_mismatch += int((full.indices != c).sum())
+    found = torch.isfinite(t_best).unsqueeze(1)
+    pick = c.view(n, 1, 1).expand(n, 1, M)
+    g_c, room_c = gc.gather(1, pick).squeeze(1), room.gather(1, pick).squeeze(1)
+    box_step = g_c.sign() * torch.minimum(t_best.masked_fill(~found.squeeze(1), 0).unsqueeze(1), room_c)
+    return torch.where(found, box_step, step)
+
+
+def _box_linf_root(w: Tensor, room: Tensor, b: Tensor, max_rounds: int = 50):
+    """Smallest t >= 0 with phi(t) = sum_i w_i min(t, room_i) >= b, by Newton steps from below.
+
+    phi is concave, non-decreasing and piecewise linear, so Newton steps from the lower bound
+    b / sum(w) never pass the root and reach it after at most one round per breakpoint crossed
+    (a handful in practice). w, room: (..., M) >= 0; b: (...) > 0. Returns t (...) and feasible
+    (...) bool (sum_i w_i room_i >= b; t is meaningless where False)."""
+    tiny = torch.finfo(w.dtype).tiny
+    feasible = (w * room).sum(-1) >= b
+    t = b / w.sum(-1).clamp_min(tiny)
+    for _ in range(max_rounds):
+        te = t.unsqueeze(-1)
+        phi = (w * torch.minimum(te, room)).sum(-1)
+        slope = (w * (room > te)).sum(-1)
+        short = feasible & (phi < b * (1 - 4 * torch.finfo(w.dtype).eps)) & (slope > 0)
+        if not bool(short.any()):
+            break
+        t = torch.where(short, t + (b - phi) / slope.clamp_min(tiny), t)
+    return t, feasible
 
 
 def _duplicate_groups(ch: _Chunk, a: Tensor):

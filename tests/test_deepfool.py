@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyboundary import utils
-from pyboundary.deepfool import DeepFoolResult, deepfool
+from pyboundary.deepfool import _CLAMP_PUSH, DeepFoolResult, deepfool
 from pyboundary.subspaces import DCTDiagonal, Directions, FullSpace, RandomSubspaces
 
 # ------------------------------------------------------------------------------ affine models
@@ -327,6 +327,65 @@ def test_clamp_keeps_box(cnn, digits):
         assert (cnn(adv[ok]).argmax(1) != res.orig_label[ok]).all()
     free = deepfool(cnn, x)
     assert res.margin[ok].median() >= free.margin[ok].median() * 0.999
+
+
+def _box_linf_closed_form(model, x, lo, hi, push=0.0):
+    """Exact L-inf distance from x to the complement of its affine region inside [lo, hi]^D:
+    min_j t_j with sum_i |dw_ji| min(t_j, room_ji) = |F_j| (room: distance to the face that
+    sign(dw_ji) points to), each root found by bisection in float64. push: the target is
+    |F_j| + push * max|logit| (F_j != 0) instead of |F_j|."""
+    with torch.no_grad():
+        f = model(x)
+        ref = f.argmax(1)
+        F = (f - f.gather(1, ref[:, None])).abs()  # (N, L)
+        F = torch.where(F > 0, F + push * f.abs().amax(1, keepdim=True), F)
+        dw = model.W[None] - model.W[ref][:, None]  # (N, L, D)
+        room = torch.where(dw > 0, hi - x[:, None], x[:, None] - lo)
+        w = dw.abs()
+        t_lo, t_hi = torch.zeros_like(F), torch.ones_like(F) * (hi - lo)
+        for _ in range(200):
+            mid = (t_lo + t_hi) / 2
+            reach = (w * torch.minimum(mid[..., None], room)).sum(2) >= F
+            t_lo, t_hi = torch.where(reach, t_lo, mid), torch.where(reach, mid, t_hi)
+        reachable = (w * room).sum(2) >= F
+        t = torch.where(reachable & (F > 0), t_hi, torch.full_like(t_hi, math.inf))
+        return t.min(1).values
+
+
+def test_affine_clamp_linf_box_closed_form():
+    # box-aware L-inf steps: with a third of the coordinates at a face of the box, the margin is
+    # the exact box-constrained distance, reached in 2 steps (the first aims at
+    # _CLAMP_LINF_FIRST_FRACTION of the gap); clipped sign steps would creep up for many more
+    model, x = _affine(D=30, L=4, N=24, seed=5)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    x[:, :10] = 0.0
+    x[:, 10:15] = 1.0
+    with torch.no_grad():
+        model.b.mul_(0.1)
+    exact = _box_linf_closed_form(model, x, 0.0, 1.0)
+    assert torch.isfinite(exact).all()
+    free = _closed_form(model, x, 1.0)
+    assert (exact > free * 1.05).all()  # the box matters for every sample
+    res = deepfool(model, x, p=math.inf, clamp=(0.0, 1.0), overshoot=0.0, refine=False)
+    assert res.converged.all()
+    assert (res.iterations <= 2).all()
+    adv = x + res.perturbation
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (model(adv).argmax(1) != res.orig_label).all()
+    # the step aims past the boundary by _CLAMP_PUSH x max|logit|, and the select push (1e-4)
+    assert (res.margin >= exact * (1 - 1e-9)).all()
+    pushed = _box_linf_closed_form(model, x, 0.0, 1.0, push=_CLAMP_PUSH)
+    assert (pushed > exact * 1.001).all()
+    # (max|logit| is taken at each iterate, so the push is only approximately the clean one)
+    torch.testing.assert_close(res.margin, pushed, rtol=1e-3, atol=0)
+    # the audit counts the box-aware choices, steps with the pruned one (here: the same)
+    aud = deepfool(model, x, p=math.inf, clamp=(0.0, 1.0), overshoot=0.0, refine=False, prune="audit")
+    assert aud.prune_choices > 0 and aud.prune_mismatch == 0
+    torch.testing.assert_close(aud.margin, res.margin)
+    # L2 with a clamp keeps the clipped-step path (several iterations)
+    l2 = deepfool(model, x, p=2, clamp=(0.0, 1.0), overshoot=0.0, refine=False)
+    assert l2.converged.all() and (l2.iterations > 2).any()
 
 
 def test_seeded_retries_deterministic(mlp, digits):
