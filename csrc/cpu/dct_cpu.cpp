@@ -10,6 +10,7 @@
 // The product kernel is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline,
 // chosen at load time (GCC function multi-versioning); other platforms get the baseline.
 #include "../common.h"
+#include "multiversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,13 +19,6 @@
 
 #include <cstring>
 #include <vector>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PYB_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYB_MULTIVERSION
-#endif
 
 #if !defined(__GNUC__)
 #error "csrc/cpu needs GCC or Clang (vector extensions)"

@@ -1,6 +1,7 @@
 // deepfool_select on CPU: one pass over each sample's k candidate gradients for the norms and
 // the choice, one pass over the chosen gradient for the step. Parallel over samples.
 #include "../common.h"
+#include "multiversion.h"
 #include "../pyboundary_math.h"
 
 #include <ATen/Dispatch.h>
@@ -15,13 +16,6 @@
 namespace pyboundary {
 
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PYB_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYB_MULTIVERSION
-#endif
 
 // Norm statistic of one gradient row (sum of g^2 for p = 2, of |g| for p = inf) in acc_t, with
 // kLanes independent partial sums so that the loop vectorises (a fixed, deterministic order).
