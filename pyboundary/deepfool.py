@@ -78,7 +78,8 @@ from . import ops
 from .stats import summarize
 from .subspaces import Subspace
 from .utils import (
-    check_finite, explain_dtype_errors, check_logits, is_inf, make_generator, model_guard,
+    check_finite, check_index_tensor, check_logits, explain_dtype_errors, is_inf, make_generator,
+    model_guard,
 )
 
 __all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
@@ -245,18 +246,6 @@ def _check_int(name, value, lo, allow_none=False):
     return value
 
 
-def _check_index_tensor(name, t, n, device):
-    if t is None:
-        return None
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got {type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(t.shape)}")
-    return t.to(device)
-
-
 def _check_p(p) -> float:
     try:
         if is_inf(p):
@@ -303,7 +292,7 @@ def _resolve_space(subspace, subspace_index, x, p):
             f"expects {subspace.image_shape}"
         )
     if subspace_index is not None:
-        _check_index_tensor("subspace_index", subspace_index, n, x.device)
+        check_index_tensor("subspace_index", subspace_index, n, x.device)
     idx = subspace._check_idx(subspace_index, n, x.device)
     subspace.check_p(p, idx)
     return subspace, idx
@@ -885,8 +874,8 @@ def deepfool(
     check_finite("x", x)
     p = _check_p(p)
     n = x.shape[0]
-    labels = _check_index_tensor("labels", labels, n, x.device)
-    target = _check_index_tensor("target", target, n, x.device)
+    labels = check_index_tensor("labels", labels, n, x.device)
+    target = check_index_tensor("target", target, n, x.device)
     candidates = _check_int("candidates", candidates, 1)
     if candidates < 2:
         raise ValueError(f"candidates must be >= 2 (the reference class and at least one other), got {candidates}")

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .utils import check_index_tensor
 
 __all__ = [
     "Subspace",
@@ -168,12 +169,7 @@ class Subspace:
             return torch.zeros(n, dtype=torch.int64, device=device)
         if isinstance(idx, int):
             idx = torch.full((n,), idx, dtype=torch.int64, device=device)
-        if not isinstance(idx, Tensor):
-            raise TypeError(f"subspace_index must be an int64 tensor, got {type(idx).__name__}")
-        if idx.dtype != torch.int64:
-            raise TypeError(f"subspace_index must be int64, got {idx.dtype}")
-        if idx.dim() != 1 or idx.shape[0] != n:
-            raise ValueError(f"subspace_index must have shape ({n},), got {tuple(idx.shape)}")
+        check_index_tensor("subspace_index", idx, n)
         if n and (int(idx.min()) < 0 or int(idx.max()) >= self.n_members):
             raise ValueError(
                 f"subspace_index values must lie in [0, {self.n_members - 1}] for "

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "model_guard", "check_finite", "check_logits", "explain_dtype_errors", "make_generator",
+    "model_guard", "check_finite", "check_index_tensor", "check_logits", "explain_dtype_errors",
+    "make_generator",
     "forward_logits",
 ]
 
@@ -148,3 +149,20 @@ def explain_dtype_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iter
             f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
             f"Model error: {err}"
         ) from err
+
+
+def check_index_tensor(name: str, t, n: int, device=None):
+    """Validate an optional per-sample int64 index tensor of shape (n,); returns it on ``device``.
+
+    None passes through. Raises TypeError (not a tensor, not int64) or ValueError (wrong shape),
+    naming ``name`` and the value seen.
+    """
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(t.shape)}")
+    return t if device is None else t.to(device)
