@@ -1,5 +1,6 @@
 # pyboundary: one-command setup and checks. Every target is idempotent (done steps are skipped).
 #   make test        venv + pinned CPU torch + requirements + build, then the test suite
+#   make test-slow   the slow-marked tests (subprocess, torchrun, kill-and-resume, real models)
 #   make demo        same setup, then `pyboundary demo`
 #   make bench       same setup, then the benchmarks (pytest-benchmark)
 #   make cuda-check  compile the CUDA kernels against a CUDA torch in a second venv (no GPU needed)
@@ -13,11 +14,16 @@ PIP_QUIET ?= -q
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test demo bench setup data cuda-check cmake-check ci clean-build
+.PHONY: test test-slow demo bench setup data cuda-check cmake-check ci clean-build
 
 test: setup data
 	@rc=0; $(VPY) -m pytest || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+test-slow: setup data
+	@rc=0; $(VPY) -m pytest -m slow || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-slow: FAILED: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
 demo: setup data

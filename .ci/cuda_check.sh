@@ -32,7 +32,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/pyboundary"
 cp -r "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
 [ -f "$ROOT/README.md" ] && cp "$ROOT/README.md" "$WORK/"
-cp "$ROOT"/pyboundary/*.py "$WORK/pyboundary/"
+(cd "$ROOT" && find pyboundary -name "*.py" -exec cp --parents {} "$WORK/" \;)
 cd "$WORK"
 start=$(date +%s)
 PYBOUNDARY_CUDA=1 "$V/bin/python" setup.py -q build_ext --inplace

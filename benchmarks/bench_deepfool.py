@@ -47,8 +47,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyboundary.deepfool import deepfool  # noqa: E402
-from pyboundary.utils import model_guard  # noqa: E402
+from pyboundary._utils.model import model_guard  # noqa: E402
+from pyboundary.attacks.deepfool import deepfool  # noqa: E402
 
 
 class Counted(nn.Module):
@@ -197,14 +197,15 @@ def main(argv=None):
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    from pyboundary import data, models
+    from pyboundary import zoo as models
+    from pyboundary.zoo import data
 
     model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
     ds = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0)
     x = ds.x.float()
     with torch.no_grad():
         y = model(x).argmax(1)
-    acc = float((y == ds.y).float().mean())
+    acc = float((y == ds.labels).float().mean())
     counted = Counted(model).eval()
     n, bs, rep = x.shape[0], args.batch_size, args.repeats
     skip = set(filter(None, args.skip.split(",")))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyboundary import ops, reference
+from pyboundary import ops
+from pyboundary.ops import reference
 
 COMPILED = ops.backend()["ops"] == "compiled"
 pytestmark = pytest.mark.skipif(not COMPILED, reason="compiled ops not loaded")

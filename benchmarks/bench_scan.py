@@ -31,10 +31,12 @@ import warnings
 import pytest
 import torch
 
-from pyboundary import data, models, ops
-from pyboundary.margins import margin_scan
+from pyboundary import ops
+from pyboundary import zoo as models
+from pyboundary._utils.model import model_guard
+from pyboundary.scans.margins import margin_scan
 from pyboundary.subspaces import DCTDiagonal
-from pyboundary.utils import model_guard
+from pyboundary.zoo import data
 
 SPEC = "dct:K=8,T=1"
 N_OURS = 60

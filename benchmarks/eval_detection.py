@@ -34,15 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pyboundary import data, detection, models  # noqa: E402
-from pyboundary.deepfool import deepfool  # noqa: E402
-from pyboundary.utils import make_generator  # noqa: E402
+from pyboundary import zoo as models  # noqa: E402
+from pyboundary._utils.rng import make_generator  # noqa: E402
+from pyboundary.attacks.deepfool import deepfool  # noqa: E402
+from pyboundary.experiments.detection_eval import evaluate_detection  # noqa: E402
+from pyboundary.geometry import detection  # noqa: E402
+from pyboundary.zoo import data  # noqa: E402
 
 
 def class_subset_rows(model, x, tops, *, n_dirs, h_rel, estimator, seed, fpr=0.05, overshoot=0.02):
     """Detectors averaging over the top-c other classes (``top_classes=c``), for c in ``tops``.
 
-    Uses the split, the DeepFool copies and the noise control of ``detection.evaluate_detection``
+    Uses the split, the DeepFool copies and the noise control of ``evaluate_detection``
     (same seeds), so the rows compare with its output. Returns one dict per c: accuracy at the
     calibrated threshold, TPR, FPR, AUC, recovery among flagged / all perturbed, noise-control AUC
     and flagged fraction.
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     for h_rel in grid:
         t0 = time.perf_counter()
         plot = h_rel == args.plot_h_rel and args.out
-        ev = detection.evaluate_detection(model, x, n_dirs=args.n_dirs, h_rel=h_rel, estimator=args.estimator,
+        ev = evaluate_detection(model, x, n_dirs=args.n_dirs, h_rel=h_rel, estimator=args.estimator,
                                           fpr=0.05, overshoot=0.02, seed=args.data_seed,
                                           profile_samples=args.profile_samples if plot else 0)
         h_med = h_rel * float(x.flatten(1).norm(dim=1).median())
@@ -125,8 +128,8 @@ def main(argv=None) -> int:
         rows.append(dict(zip(header, row)) | {"margin_median": ev.margin_median, "n_eval": ev.n_eval,
                                                "n_perturbed": ev.n_perturbed})
         if plot:
-            print(detection.format_report(ev))
-            paths = detection.save_evaluation(ev, args.out)
+            print(ev.format_summary())
+            paths = ev.save(args.out)
             print("wrote", ", ".join(map(str, paths)))
     subset_rows = []
     if args.top_classes:

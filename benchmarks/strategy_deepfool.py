@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyboundary import data, models  # noqa: E402
-from pyboundary.deepfool import deepfool  # noqa: E402
+from pyboundary import zoo as models  # noqa: E402
+from pyboundary.attacks.deepfool import deepfool  # noqa: E402
+from pyboundary.zoo import data  # noqa: E402
 
 
 def main(argv=None):

@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyboundary import adversarial, data, masks, models, topology
-from pyboundary.deepfool import deepfool
-from pyboundary.stats import summarize
+from pyboundary import zoo as models
+from pyboundary._utils.model import predict
+from pyboundary._utils.stats import summarize
+from pyboundary.attacks.deepfool import deepfool
+from pyboundary.experiments.finetune import finetune_experiment
+from pyboundary.geometry import masks, topology
+from pyboundary.geometry.spectral import band_energy, plot_band_energy
 from pyboundary.subspaces import DCTDiagonal, DCTGrid
+from pyboundary.zoo import data
 
 
 def _load(work: Path, name: str):
@@ -43,22 +48,22 @@ def topology_block(model, x, args) -> dict:
     for scen in ("same-label", "adversarial", "random-sphere"):
         res, sec = _timed(topology.path_connectivity, model, x, scenario=scen, n_pairs=args.n_pairs,
                           seed=0, max_depth=args.max_depth, n_check=args.n_check)
-        ratios = np.array(res["ratios"])
+        ratios = np.array(res.ratios)
         # independent re-check of every valid path with 16x denser sampling of its segments
         dense = []
-        for r in res["results"]:
+        for r in res.results:
             if r.valid:
                 a, b = r.anchors[:-1], r.anchors[1:]
                 with torch.no_grad():
                     dense.append(bool(topology._segments_ok(model, a, b, r.label, 16 * args.n_check, 1024, None).all()))
-        out[scen] = {"n_pairs": res["n_pairs"], "n_skipped": res["n_skipped"], "n_valid": res["n_valid"],
-                     "rate": res["rate"], "dense_valid": int(sum(dense)), "ratio_median": float(np.median(ratios)) if ratios.size else None,
+        out[scen] = {"n_pairs": res.n_pairs, "n_skipped": res.n_skipped, "n_valid": res.n_valid,
+                     "rate": res.rate, "dense_valid": int(sum(dense)), "ratio_median": float(np.median(ratios)) if ratios.size else None,
                      "ratio_max": float(ratios.max()) if ratios.size else None,
-                     "anchors_median": float(np.median([r.anchors.shape[0] for r in res["results"]])),
-                     "calls_median": float(np.median([r.n_calls for r in res["results"]])),
-                     "reasons": sorted({r.reason for r in res["results"] if r.reason})[:3], "seconds": sec}
+                     "anchors_median": float(np.median([r.anchors.shape[0] for r in res.results])),
+                     "calls_median": float(np.median([r.n_calls for r in res.results])),
+                     "reasons": sorted({r.reason for r in res.results if r.reason})[:3], "seconds": sec}
         print(scen, out[scen], flush=True)
-    pred = topology.predict(model, x)
+    pred = predict(model, x)
     conv = {}
     for c in range(10):
         xs = x[pred == c][: args.n_region]
@@ -102,35 +107,35 @@ def main(argv=None) -> int:
     result = json.loads(path.read_text()) if path.exists() else {}
     for name, model in nets.items():
         r = result.setdefault(name, {})
-        r["test_accuracy"] = models.accuracy(model, test.x, test.y)
+        r["test_accuracy"] = models.accuracy(model, test.x, test.labels)
         if "topology" in parts:
             r["topology"] = topology_block(model, test.x, args)
         if "bands" in parts:
             xb = test.x[: args.n_bands]
             df = deepfool(model, xb, p=2, clamp=(0.0, 1.0))
             delta = df.perturbation[df.converged]
-            diag = adversarial.band_energy(delta, DCTDiagonal((1, 28, 28), K=4, T=4), quantile=95)
-            grid = adversarial.band_energy(delta, DCTGrid((1, 28, 28), K=4), quantile=95)
+            diag = band_energy(delta, DCTDiagonal((1, 28, 28), K=4, T=4), quantile=95)
+            grid = band_energy(delta, DCTGrid((1, 28, 28), K=4), quantile=95)
             r["bands"] = {"diag_p95": diag.per_band.tolist(), "diag_mean": diag.mean.tolist(),
                           "grid_mean": grid.mean.reshape(7, 7).tolist(),
                           "margin": summarize(df.margin.numpy(), df.converged.numpy())}
             nets[name]._bands = diag
             nets[name]._grid = grid
         if "masks" in parts:
-            m = masks.learn_mask(model, test.x, test.y, lam=0.05, steps=300, lr=0.05, batch_size=128)
+            m = masks.learn_mask(model, test.x, test.labels, lam=0.05, steps=300, lr=0.05, train_batch_size=128)
             r["mask"] = m.summary()
             m.plot(figs / f"mask_{name}.png")
             print(name, "mask", r["mask"], flush=True)
     if "bands" in parts and nets:
-        adversarial.plot_band_energy({n: m._bands for n, m in nets.items()}, figs / "band_energy.png")
+        plot_band_energy({n: m._bands for n, m in nets.items()}, figs / "band_energy.png")
     if "finetune" in parts and "standard" in nets:
         train = data.load_dataset("fashion-mnist", "train", limit=10000, seed=0)
         model = nets["standard"]
-        pred = topology.predict(model, train.x)
-        ok = (pred == train.y).nonzero().squeeze(1)
+        pred = predict(model, train.x)
+        ok = (pred == train.labels).nonzero().squeeze(1)
         gen = torch.Generator().manual_seed(0)
         pick = ok[torch.randperm(ok.numel(), generator=gen)[:400]]
-        res, sec = _timed(adversarial.finetune_experiment, model, train.x, train.y, pick[:200], pick[200:],
+        res, sec = _timed(finetune_experiment, model, train.x, train.labels, pick[:200], pick[200:],
                           epochs=2, train_kwargs={"progress": False, "seed": 1},
                           deepfool_kwargs={"clamp": None})
         gp = (res.after_p / res.before_p)

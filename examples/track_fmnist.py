@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pyboundary.tracking import track
+from pyboundary.experiments.tracking_run import track
 
 
 def main(argv=None) -> int:
@@ -36,9 +36,10 @@ def main(argv=None) -> int:
     for name in args.runs.split(","):
         adv = None if name == "standard" else args.attack
         t0 = time.time()
-        model, tr = track("lenet", "fashion-mnist", epochs=args.epochs, adversarial=adv, n_track=args.n_track,
+        run = track("lenet", "fashion-mnist", epochs=args.epochs, adversarial=adv, n_track=args.n_track,
                           n_train=args.n_train, out=work / name, seed=0, progress=False,
                           deepfool_kwargs={"max_iter": 50})
+        model, tr = run.model, run.tracker
         torch.save(model.state_dict(), work / f"{name}.pt")
         trans = {s: [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in t.items()}
                      for t in tr.transitions(s)] for s in tr.splits}

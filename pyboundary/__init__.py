@@ -4,89 +4,78 @@ Margins (batched DeepFool, L2 and L-inf, whole space or subspaces such as blocks
 boundary curvature, curvature-based detection of perturbed inputs, margin dynamics and region
 topology, on compiled CPU/CUDA ops.
 
-Public names are imported lazily, so ``import pyboundary`` stays fast and a missing optional
-dependency only matters for the function that needs it.
+This module is the curated public API: every public function together with the result class it
+returns (see ``API.md`` for what semantic versioning covers). Layers, bottom to top:
+``ops`` (compiled ops), ``zoo`` (data and models), ``subspaces``, ``attacks``, ``geometry`` and
+``scans``, ``experiments``; the command line (``pyboundary.cli``) sits on top. Names are imported
+lazily, so ``import pyboundary`` stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-# public name -> module that defines it
+# public name -> module that defines it (relative to this package)
 _EXPORTS = {
-    "backend": "ops",
-    "dct2": "ops",
-    "idct2": "ops",
-    "dct_block_analysis": "ops",
-    "dct_block_synthesis": "ops",
-    "deepfool_select": "ops",
-    "dct_matrix": "ops",
-    # engine
-    "deepfool": "deepfool",
-    "DeepFoolResult": "deepfool",
+    # compiled ops
+    "backend": "ops", "dct2": "ops", "idct2": "ops", "dct_block_analysis": "ops", "dct_block_synthesis": "ops",
+    "deepfool_select": "ops", "dct_matrix": "ops",
+    # attacks
+    "deepfool": "attacks.deepfool", "DeepFoolResult": "attacks.deepfool",
+    "pgd": "attacks.pgd", "pgd_batch_transform": "attacks.pgd",
     # subspaces
-    "Subspace": "subspaces",
-    "DCTDiagonal": "subspaces",
-    "DCTGrid": "subspaces",
-    "RandomSubspaces": "subspaces",
-    "UserBasis": "subspaces",
-    "Directions": "subspaces",
-    "FullSpace": "subspaces",
+    "Subspace": "subspaces", "FullSpace": "subspaces", "DCTDiagonal": "subspaces", "DCTGrid": "subspaces",
+    "RandomSubspaces": "subspaces", "UserBasis": "subspaces", "Directions": "subspaces",
     "parse_subspaces": "subspaces",
     # data and models
-    "load_dataset": "data",
-    "reference_model": "models",
-    "load_model": "models",
-    # margin scans
-    "margin_scan": "margins",
-    "MarginScan": "margins",
-    "dct_flip": "transforms",
-    "dct_lowpass": "transforms",
-    "ResultStore": "store",
-    # curvature and detection
-    "principal_curvatures": "curvature",
-    "mean_curvature": "curvature",
-    "shared_curved_directions": "curvature",
-    "relative_curvature": "curvature",
-    "hessian_vector_product": "curvature",
-    "CurvatureDetector": "detection",
-    # dynamics and topology
-    "MarginTracker": "tracking",
-    "pgd": "adversarial",
-    "find_path": "topology",
-    "convex_combination_probability": "topology",
-    "random_direction_robustness": "topology",
-    "pgd_batch_transform": "adversarial",
-    "band_energy": "adversarial",
-    "learn_mask": "masks",
+    "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "T1": "zoo.synthetic", "T2": "zoo.synthetic",
+    "SyntheticDataset": "zoo.synthetic", "reference_model": "zoo.cache", "load_model": "zoo.specs",
+    "build_model": None, "train": "zoo.training", "accuracy": "zoo.training",
+    # margin scans and dynamics
+    "margin_scan": "scans.margins", "MarginScan": "scans.margins", "ResultStore": "scans.store",
+    "distributed_scan": "scans.distributed", "MarginTracker": "scans.tracking",
+    # curvature, detection, topology, frequency analysis
+    "principal_curvatures": "geometry.curvature", "PrincipalCurvatures": "geometry.curvature",
+    "mean_curvature": "geometry.curvature", "MeanCurvature": "geometry.curvature",
+    "shared_curved_directions": "geometry.curvature", "SharedDirections": "geometry.curvature",
+    "relative_curvature": "geometry.curvature", "RelativeCurvature": "geometry.curvature",
+    "noise_accuracy": "geometry.curvature", "NoiseAccuracy": "geometry.curvature",
+    "subspace_fraction": "geometry.curvature", "hessian_vector_product": "geometry.curvature",
+    "CurvatureDetector": "geometry.detection", "DetectionScores": "geometry.detection",
+    "RocCurve": "geometry.detection", "roc_curve": "geometry.detection", "auc_score": "geometry.detection",
+    "find_path": "geometry.topology", "PathResult": "geometry.topology",
+    "path_connectivity": "geometry.topology", "PathConnectivity": "geometry.topology",
+    "convex_combination_probability": "geometry.topology", "ConvexResult": "geometry.topology",
+    "random_direction_robustness": "geometry.topology", "RandomDirectionResult": "geometry.topology",
+    "learn_mask": "geometry.masks", "MaskResult": "geometry.masks",
+    "band_energy": "geometry.spectral", "BandEnergy": "geometry.spectral",
+    "dct_flip": "geometry.spectral", "dct_lowpass": "geometry.spectral",
+    # study pipelines
+    "evaluate_detection": "experiments.detection_eval", "DetectionEvaluation": "experiments.detection_eval",
+    "curvature_report": "experiments.curvature_report", "CurvatureReport": "experiments.curvature_report",
+    "finetune_experiment": "experiments.finetune", "FinetuneResult": "experiments.finetune",
+    "track": "experiments.tracking_run", "TrackingRun": "experiments.tracking_run",
 }
+_RENAMED = {"build_model": ("zoo.architectures", "build")}
 
-# submodules reachable as attributes (``pyboundary.models.build``) without an explicit import
-_SUBMODULES = {
-    "ops", "reference", "subspaces", "data", "models", "margins", "store", "plot",
-    "transforms", "synthetic", "distributed", "curvature", "detection", "tracking", "adversarial",
-    "topology", "masks", "stats", "utils", "cli",
-}
+# subpackages reachable as attributes (``pyboundary.zoo.build``) without an explicit import
+_SUBPACKAGES = ("ops", "zoo", "subspaces", "attacks", "geometry", "scans", "experiments")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
-# The engine function shares its name with its module: bind it eagerly, so that a later
-# ``import pyboundary.deepfool`` (done by every pipeline) cannot shadow it with the module.
-from .deepfool import DeepFoolResult, deepfool  # noqa: E402
-
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
+    if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'pyboundary' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    module, attr = _RENAMED.get(name, (_EXPORTS[name], name))
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return __all__ + sorted(_SUBMODULES)
+    return __all__ + list(_SUBPACKAGES)

@@ -1,0 +1,175 @@
+"""Running a model the way every pipeline does: left as found, validated logits, batched predict."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .batching import resolve_batch_size
+
+__all__ = [
+    "model_guard", "check_logits", "forward_logits", "explain_dtype_errors", "model_device",
+    "CallCounter", "predict",
+]
+
+
+@contextlib.contextmanager
+def model_guard(model: Callable, *, eval_mode: bool = True) -> Iterator[Callable]:
+    """Run ``model`` in eval mode with frozen parameters, then restore it exactly.
+
+    Inside the block every submodule is in eval mode (if ``eval_mode``) and every parameter has
+    ``requires_grad=False``, so gradients with respect to the input never touch parameter
+    ``.grad`` and cost no parameter-gradient work. On exit the per-module training flags and
+    per-parameter ``requires_grad`` flags are restored, also when the block raises.
+    Plain callables (not ``nn.Module``) pass through unchanged. The block runs outside
+    ``torch.inference_mode`` even when the caller is inside it.
+    """
+    # Every pipeline differentiates through the model: lift an enclosing torch.inference_mode(),
+    # under which torch.enable_grad() alone would not record a graph. inference_mode(False)
+    # switches grad mode on, so the caller's grad mode is put back explicitly.
+    grad_enabled = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled):
+        if not isinstance(model, nn.Module):
+            yield model
+            return
+        with _frozen(model, eval_mode):
+            yield model
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, eval_mode: bool) -> Iterator[None]:
+    training = [(m, m.training) for m in model.modules()]
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in requires:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires:
+            p.requires_grad_(flag)
+
+
+_warned_probabilities = False
+
+
+def check_logits(logits: Tensor, n: int, *, where: str = "model") -> None:
+    """Validate a model output: (n, L) floating logits with L >= 2, finite.
+
+    Warns (once per process) when every row is non-negative and sums to 1, which means the
+    model returns probabilities: margins of a softmax output are not margins of the logits.
+    """
+    global _warned_probabilities
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{where} must return a tensor of logits, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(
+            f"{where} must return logits of shape (N, L) = ({n}, L) for {n} inputs, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"{where} must return at least 2 classes, got L={logits.shape[1]}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{where} must return floating-point logits, got {logits.dtype}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{where} returned non-finite logits (NaN or Inf)")
+    if not _warned_probabilities and n > 0:
+        with torch.no_grad():
+            rows = logits.detach()
+            sums = rows.sum(1)
+            if bool((rows >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4)):
+                _warned_probabilities = True
+                warnings.warn(
+                    f"{where} outputs look like probabilities (non-negative rows summing to 1); "
+                    "pyboundary expects logits. Remove the final softmax for meaningful margins.",
+                    stacklevel=3,
+                )
+
+
+def forward_logits(model: Callable, x: Tensor, *, where: str = "model") -> Tensor:
+    """model(x), validated with :func:`check_logits`."""
+    out = model(x)
+    check_logits(out, x.shape[0], where=where)
+    return out
+
+
+@contextlib.contextmanager
+def explain_dtype_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iterator[None]:
+    """Turn a model failure caused by mixing float32 and float64 into a TypeError naming ``x``.
+
+    A float64 ``x`` fed to a float32 model fails deep inside the model with a torch error about
+    matrix dtypes. Models that cast their input themselves are fine, so nothing is checked up
+    front: only when the block raises a RuntimeError while x's dtype differs from the model's
+    parameters is the error re-raised as a TypeError that says what to convert.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        param = None
+        if isinstance(model, nn.Module):
+            param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is None or param.dtype == x.dtype:
+            raise
+        raise TypeError(
+            f"the model failed on {name} of dtype {x.dtype}, and its parameters are {param.dtype}; "
+            f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
+            f"Model error: {err}"
+        ) from err
+
+
+def model_device(model: Callable, default=None) -> torch.device | None:
+    """Device of the model's first parameter or buffer (``default`` for plain callables)."""
+    if isinstance(model, nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+    return None if default is None else torch.device(default)
+
+
+class CallCounter:
+    """Counts model evaluations: batched calls and evaluated input rows."""
+
+    def __init__(self):
+        self.calls = 0
+        self.inputs = 0
+
+    def add(self, rows: int) -> None:
+        self.calls += 1
+        self.inputs += int(rows)
+
+
+@torch.no_grad()
+def predict(model: Callable, x: Tensor, *, batch_size: int | None = None, device=None,
+            counter: CallCounter | None = None) -> Tensor:
+    """Predicted classes argmax model(x) of inputs x (N, ...), batched.
+
+    Args:
+        model: callable (N, ...) -> (N, L) logits; left as found.
+        x: (N, ...) inputs on any device.
+        batch_size: input rows per model call (None: automatic, see
+            :func:`pyboundary._utils.batching.resolve_batch_size`).
+        device: where the model runs (default: the model's device, else x's device); batches are
+            moved there.
+        counter: optional :class:`CallCounter` that counts the calls and rows.
+    Returns:
+        (N,) int64 labels on x's device.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    dev = torch.device(device) if device is not None else model_device(model, x.device)
+    bs = resolve_batch_size(batch_size, n)
+    out = []
+    with model_guard(model):
+        for start in range(0, n, bs):
+            xb = x[start:start + bs].to(dev, non_blocking=True)
+            out.append(forward_logits(model, xb).argmax(1).to(x.device))
+            if counter is not None:
+                counter.add(xb.shape[0])
+    return torch.cat(out)

@@ -1,0 +1,196 @@
+"""Projected gradient descent (PGD) in L-inf and L2 balls, and adversarial-training batch transforms.
+
+Units: ``eps`` and step sizes are in input units (pixel intensity for data in [0, 1]): the L-inf
+radius bounds every coordinate, the L2 radius the Euclidean norm of the whole perturbation of one
+sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._utils.model import explain_dtype_errors, forward_logits, model_guard
+from .._utils.rng import make_generator
+from .._utils.validation import (
+    check_clamp,
+    check_inputs,
+    check_int,
+    check_labels,
+    check_model,
+    check_number,
+    check_p,
+)
+
+__all__ = ["pgd", "pgd_batch_transform", "parse_attack"]
+
+
+def _check_pgd_args(eps, steps, step_size, clamp) -> tuple[float, int, float | None, tuple | None]:
+    eps = check_number("eps", eps, minimum=0)
+    steps = check_int("steps", steps, minimum=1)
+    step_size = check_number("step_size", step_size, minimum=0, strict_minimum=True, allow_none=True)
+    return eps, steps, step_size, check_clamp(clamp)
+
+
+def _flat_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm, shaped (N, 1, ..., 1) to broadcast against t."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(delta: Tensor, eps: float, p: float) -> Tensor:
+    if math.isinf(p):
+        return delta.clamp(-eps, eps)
+    scale = (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def _random_start(x: Tensor, eps: float, p: float, gen) -> Tensor:
+    if math.isinf(p):
+        u = torch.rand(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        return (2 * u - 1) * eps
+    # uniform in the L2 ball: Gaussian direction, radius eps * U^(1/D)
+    d = x[0].numel()
+    g = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    r = torch.rand((x.shape[0],), generator=gen, dtype=x.dtype, device=x.device) ** (1.0 / d)
+    return g / _flat_norm(g).clamp_min(1e-12) * (eps * r).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _ascent_step(grad: Tensor, alpha: float, p: float) -> Tensor:
+    if math.isinf(p):
+        return alpha * grad.sign()
+    return alpha * grad / _flat_norm(grad).clamp_min(1e-12)
+
+
+def pgd(
+    model: Callable,
+    x: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    p=math.inf,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    seed: int | None = None,
+    targeted: bool = False,
+) -> Tensor:
+    """Projected gradient descent on the cross-entropy loss (Madry et al.), batched.
+
+    Maximises CE(model(x + delta), labels) over ||delta||_p <= eps (or, with ``targeted``,
+    minimises CE towards ``labels``), with ``steps`` ascent steps of size ``step_size``
+    (sign of the gradient for L-inf, normalised gradient for L2), each followed by the projection
+    onto the ball and onto the box ``clamp``. The model is run in eval mode with frozen parameters
+    and restored exactly (:func:`pyboundary._utils.model.model_guard`); parameter ``.grad`` is untouched.
+
+    Args:
+        model: callable (N, ...) -> (N, L) logits.
+        x: (N, ...) float inputs.
+        labels: (N,) int64 true labels (or target labels when ``targeted``).
+        eps: radius of the ball, >= 0, input units. eps = 0 returns a copy of x.
+        p: the norm of the ball, inf (default) or 2.
+        steps: number of ascent steps (>= 1).
+        step_size: per-step length; default 2.5 * eps / steps.
+        random_start: start from a uniform point of the ball (else from x).
+        clamp: (low, high) box for the adversarial inputs, or None.
+        seed: seed of the random start (None: torch's global generator).
+        targeted: descend towards ``labels`` instead of ascending away from them.
+    Returns:
+        (N, ...) adversarial inputs, detached, same dtype and device as x, with
+        ||x_adv - x||_p <= eps (up to rounding) and inside ``clamp`` when x is.
+    """
+    p = check_p(p)
+    eps, steps, step_size, clamp = _check_pgd_args(eps, steps, step_size, clamp)
+    check_model(model)
+    x = check_inputs("x", x)
+    labels = check_labels(labels, x.shape[0], device=x.device)
+    if eps == 0 or x.shape[0] == 0:
+        return x.clone()
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    gen = make_generator(seed, x.device)
+    labels = labels.to(x.device)
+    delta = _random_start(x, eps, p, gen) if random_start else torch.zeros_like(x)
+    if clamp is not None:
+        delta = (x + delta).clamp(*clamp) - x
+    sign = -1.0 if targeted else 1.0
+    with model_guard(model), explain_dtype_errors(model, x):
+        for _ in range(steps):
+            x_adv = (x + delta).requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(forward_logits(model, x_adv), labels, reduction="sum")
+                (grad,) = torch.autograd.grad(sign * loss, x_adv)
+            delta = _project(delta + _ascent_step(grad, alpha, p), eps, p)
+            if clamp is not None:
+                delta = (x + delta).clamp(*clamp) - x
+    return (x + delta).detach()
+
+
+def parse_attack(spec: str) -> dict:
+    """Parse 'pgd-linf:eps=0.1,steps=7,frac=0.5' (or pgd-l2:...) into keyword arguments of
+    :func:`pgd_batch_transform`: {'p', 'eps', 'steps', 'frac', 'step_size'?}."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"attack spec must look like 'pgd-linf:eps=0.1,steps=7,frac=0.5', got {spec!r}")
+    name, _, rest = spec.partition(":")
+    names = {"pgd-linf": math.inf, "pgd-l2": 2.0}
+    if name.strip().lower() not in names:
+        raise ValueError(f"attack must be one of {sorted(names)}, got {name!r} in {spec!r}")
+    out: dict = {"p": names[name.strip().lower()]}
+    casts = {"eps": float, "steps": int, "frac": float, "step_size": float}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or key not in casts:
+            raise ValueError(f"unknown or malformed attack option {item!r} in {spec!r}; "
+                             f"allowed: {sorted(casts)}")
+        try:
+            out[key] = casts[key](val)
+        except ValueError:
+            raise ValueError(f"attack option {key} must be a {casts[key].__name__}, got {val!r}") from None
+    if "eps" not in out:
+        raise ValueError(f"attack spec {spec!r} must give eps=...")
+    return out
+
+
+def pgd_batch_transform(
+    eps: float,
+    steps: int,
+    frac: float = 0.5,
+    p=math.inf,
+    *,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+) -> Callable[[Callable, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A ``batch_transform(model, xb, yb) -> (xb, yb)`` for :func:`pyboundary.zoo.train` that
+    replaces a random fraction ``frac`` of each batch by PGD examples (labels unchanged).
+
+    frac = 0.5 mixes clean and adversarial samples (the margin-dynamics study), frac = 1.0 is the
+    adversarial training of Madry et al. The attack runs with the model in eval mode and frozen
+    parameters; the model's train mode and ``requires_grad`` flags are restored before the
+    training step. The replaced subset and the random starts come from a generator seeded once
+    with ``seed`` (deterministic across runs).
+    """
+    p = check_p(p)
+    eps, steps, step_size, clamp = _check_pgd_args(eps, steps, step_size, clamp)
+    frac = check_number("frac", frac, minimum=0, maximum=1)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def transform(model: Callable, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        n = xb.shape[0]
+        n_adv = int(round(frac * n))
+        if n_adv == 0 or eps == 0:
+            return xb, yb
+        pick = torch.randperm(n, generator=gen)[:n_adv].to(xb.device)
+        start_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        adv = pgd(model, xb[pick], yb[pick], eps=eps, p=p, steps=steps,
+                  step_size=step_size, clamp=clamp, seed=start_seed)
+        xb = xb.clone()
+        xb[pick] = adv
+        return xb, yb
+
+    transform.spec = {"p": p, "eps": eps, "steps": steps, "frac": frac}  # type: ignore[attr-defined]
+    return transform

@@ -1,0 +1,114 @@
+"""Argument helpers shared by every command: one meaning per flag.
+
+    --model       model spec (pyboundary.zoo.load_model): built-in name, module:function, file
+    --data        dataset name or image folder (pyboundary.zoo.load_dataset)
+    --split       dataset split (train / test / all)
+    --limit N     a seeded random subset of N samples (--seed), the rule of pyboundary.zoo.data.subset_indices
+    --seed        seed of the subset and of every random draw of the command
+    --device      cpu or cuda
+    --batch-size  input rows pushed through the model together (None: automatic)
+    --out         output folder
+    --no-progress no progress bars
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = [
+    "UsageError", "positive_int", "nonnegative_int", "p_value", "add_model_data", "add_run_args",
+    "add_deepfool_args", "deepfool_kwargs", "device", "load_model_and_data",
+]
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used (reported with exit code 2)."""
+
+
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+#: argparse type: an integer >= 1
+positive_int = _int_at_least(1, "a positive integer")
+#: argparse type: an integer >= 0
+nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def p_value(text: str) -> float:
+    """argparse type of --p: 2 or inf."""
+    if text.lower() in ("inf", "linf"):
+        return math.inf
+    if text in ("2", "l2", "L2"):
+        return 2.0
+    raise argparse.ArgumentTypeError(f"--p must be 2 or inf, got {text!r}")
+
+
+def add_model_data(p, *, model_help: str | None = None, split: str = "test", limit: int | None = None) -> None:
+    """--model, --data, --split, --limit, --seed."""
+    p.add_argument("--model", required=True,
+                   help=model_help or "model spec: built-in (lenet-fmnist, mlp-digits, efficientnet-lite0, ...), "
+                                      "module:function, a TorchScript file, or arch@state_dict.pt")
+    p.add_argument("--data", required=True,
+                   help="dataset name (digits, fashion-mnist, mnist5k, foolbox-imagenet, ...) or image folder")
+    p.add_argument("--split", default=split, help=f"dataset split (default {split})")
+    p.add_argument("--limit", type=positive_int, default=limit,
+                   help="use a seeded random subset of N samples (--seed)"
+                        + (f"; default {limit}" if limit is not None else "; default: all"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of random draws (default 0)")
+
+
+def add_run_args(p, *, out_required: bool = False, batch_size_help: str | None = None) -> None:
+    """--out, --device, --batch-size, --no-progress."""
+    p.add_argument("--out", required=out_required, default=None,
+                   help="output folder" + ("" if out_required else " (default: nothing written)"))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=batch_size_help or "input rows pushed through the model together (default: automatic)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_deepfool_args(p) -> None:
+    """--p, --candidates, --max-iter, --overshoot."""
+    p.add_argument("--p", type=p_value, default=2.0, help="margin norm: 2 or inf (default 2)")
+    p.add_argument("--candidates", type=positive_int, default=10, help="DeepFool candidate classes (default 10)")
+    p.add_argument("--max-iter", type=positive_int, default=50, help="DeepFool iterations (default 50)")
+    p.add_argument("--overshoot", type=float, default=0.02, help="DeepFool overshoot (default 0.02)")
+
+
+def deepfool_kwargs(args) -> dict:
+    """The DeepFool options given on the command line (see :func:`add_deepfool_args`)."""
+    if not args.overshoot >= 0 or not math.isfinite(args.overshoot):
+        raise UsageError(f"--overshoot must be a finite number >= 0, got {args.overshoot}")
+    return {"candidates": args.candidates, "max_iter": args.max_iter, "overshoot": args.overshoot}
+
+
+def device(name: str) -> str:
+    """The --device value, refused when CUDA is asked for and absent."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    return name
+
+
+def load_model_and_data(args):
+    """(model on --device, dataset) from --model/--data/--split/--limit/--seed; the model is checked
+    against the data's shape and number of classes with one forward pass."""
+    from .. import zoo
+
+    ds = zoo.load_dataset(args.data, split=args.split, limit=args.limit, seed=args.seed)
+    model = zoo.load_model(args.model, in_shape=tuple(ds.x.shape[1:]), n_classes=len(ds.classes))
+    return model.to(device(args.device)), ds

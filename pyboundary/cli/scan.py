@@ -1,0 +1,155 @@
+"""``pyboundary demo | scan | show``: margin scans over a dataset and a subspace family.
+
+A scan folder holds ``scan.sqlite`` (the result store), ``summary.txt`` and the PNG figures.
+Under ``torchrun --nproc_per_node=N -m pyboundary scan ...`` the samples are sharded across the
+ranks (see :mod:`pyboundary.scans.distributed`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .args import (
+    UsageError,
+    add_deepfool_args,
+    add_model_data,
+    add_run_args,
+    deepfool_kwargs,
+    device,
+    load_model_and_data,
+    positive_int,
+)
+
+__all__ = ["STORE_NAME", "register"]
+
+STORE_NAME = "scan.sqlite"
+
+
+def register(sub) -> None:
+    demo = sub.add_parser("demo", help="scan a reference CNN on Fashion-MNIST along the DCT diagonal",
+                          description="Train (or load from the cache) a LeNet-style CNN on Fashion-MNIST, "
+                                      "measure margins of test images in the 21 DCT blocks (K=8, T=1) of "
+                                      "28x28 images, print the summary table and write the plots.")
+    demo.add_argument("--limit", type=positive_int, default=200, help="number of test images (default 200)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the test-image subset (default 0)")
+    add_run_args(demo, batch_size_help="(sample, subspace) pairs per engine call, each one input row "
+                                       "(default: automatic)")
+    demo.set_defaults(out="pyboundary-demo")
+    add_deepfool_args(demo)
+    demo.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
+    demo.set_defaults(func=cmd_demo)
+
+    scan = sub.add_parser("scan", help="margins of a dataset in a subspace family, stored in --out",
+                          description="Measure the margin of every (sample, subspace) pair with batched "
+                                      "DeepFool; results go to OUT/scan.sqlite while the scan runs.")
+    add_model_data(scan)
+    scan.add_argument("--subspaces", required=True, help="subspace spec, e.g. dct:K=8,T=1, dct-grid:K=8, full")
+    add_run_args(scan, out_required=True,
+                 batch_size_help="(sample, subspace) pairs per engine call, each one input row (default: automatic)")
+    add_deepfool_args(scan)
+    scan.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
+    scan.set_defaults(func=cmd_scan)
+
+    show = sub.add_parser("show", help="summary table and plots of a stored scan")
+    show.add_argument("run", help="scan folder (or its scan.sqlite)")
+    show.add_argument("--no-plot", action="store_true", help="print the table only")
+    show.set_defaults(func=cmd_show)
+
+
+def _prepare_out(out: str, resume: bool, check_existing: bool = True) -> Path:
+    """The store path in the --out folder (created); refuses an existing scan without --resume.
+
+    Under torchrun only rank 0 checks (the others could otherwise see the store rank 0 has just
+    created); rank 0 refuses again when it creates the store.
+    """
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out!r} exists and is not a folder")
+    store = out_dir / STORE_NAME
+    if check_existing and store.exists() and not resume:
+        raise UsageError(f"{str(store)!r} already holds a scan; pass --resume to continue it, "
+                         "or choose another --out (results are never overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+def _run_scan(model, ds, subspaces: str, args, model_name: str):
+    """Single- or multi-process scan into args.out; returns the MarginScan (None on ranks > 0)."""
+    from ..scans import distributed
+    from ..scans.margins import margin_scan
+
+    env = distributed.world_from_env()
+    store = _prepare_out(args.out, args.resume, check_existing=env is None or env[0] == 0)
+    dev = device(args.device)
+    kwargs = dict(p=args.p, batch_size=args.batch_size, model_name=model_name,
+                  deepfool_kwargs=deepfool_kwargs(args))
+    if env is not None:
+        rank, world, local = env
+        if dev == "cuda":
+            import torch
+
+            torch.cuda.set_device(local)
+            dev = f"cuda:{local}"
+        model = model.to(dev)
+        return distributed.distributed_scan(model, ds, subspaces, store=store, resume=args.resume, device=dev,
+                                            progress=not args.no_progress, **kwargs)
+    model = model.to(dev)
+    if args.resume and distributed.leftover_parts(store):
+        print(f"merged {distributed.merge_parts(store)} pairs from the parts of an interrupted multi-process scan")
+    return margin_scan(model, ds, subspaces, store=store, resume=args.resume, device=dev,
+                       progress=not args.no_progress, **kwargs)
+
+
+def _report(scan, out: Path) -> None:
+    table = scan.format_summary()
+    print(table)
+    (out / "summary.txt").write_text(table + "\n")
+    paths = scan.plot(out)
+    print("wrote " + ", ".join(str(p) for p in [out / STORE_NAME, out / "summary.txt", *paths]))
+
+
+def cmd_scan(args) -> int:
+    model, ds = load_model_and_data(args)
+    t0 = time.perf_counter()
+    scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
+    if scan is not None:
+        pairs = scan.n_samples * scan.n_subspaces
+        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s")
+        _report(scan, Path(args.out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .. import zoo
+
+    t0 = time.perf_counter()
+    print("loading the reference LeNet trained on Fashion-MNIST (trained and cached on first use)...")
+    model = zoo.reference_model("lenet", "fashion-mnist", progress=not args.no_progress)
+    ds = zoo.load_dataset("fashion-mnist", split="test", limit=args.limit, seed=args.seed)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s; scanning {ds.x.shape[0]} test images x 21 DCT blocks")
+    if (Path(args.out) / STORE_NAME).exists() and not args.resume:
+        # Running the demo again continues (or just shows) the earlier run; the store still
+        # refuses it if the settings differ.
+        print(f"{args.out}/{STORE_NAME} exists: resuming it (finished pairs are not recomputed)")
+        args.resume = True
+    scan = _run_scan(model, ds, "dct:K=8,T=1", args, model_name="lenet-fmnist (reference)")
+    if scan is not None:
+        _report(scan, Path(args.out))
+        print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from ..scans.margins import MarginScan
+
+    path = Path(args.run)
+    store = path / STORE_NAME if path.is_dir() else path
+    if not store.exists():
+        raise UsageError(f"no scan at {args.run!r} (expected {str(store)!r})")
+    scan = MarginScan.load(store)
+    print(scan.format_summary())
+    if not args.no_plot:
+        paths = scan.plot(store.parent)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

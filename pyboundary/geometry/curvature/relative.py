@@ -1,0 +1,226 @@
+"""Curvature along given directions relative to random tangent directions, and the subspace studies
+built on it (fraction of a vector inside a subspace, accuracy under noise inside / outside it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..._utils.batching import resolve_batch_size
+from ..._utils.model import model_guard
+from ..._utils.results import Result
+from ..._utils.rng import make_generator
+from ..._utils.validation import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_labels,
+    check_model,
+    check_number,
+)
+from .hvp import (
+    DEFAULT_H_REL,
+    SCHEMES,
+    RowCost,
+    _fd_setup,
+    _grad_rows,
+    _pair_values,
+    _project,
+    _random_unit,
+    _resolve_pair,
+    _second_diff_rows,
+    check_curvature_inputs,
+    logits_rows,
+)
+from .shared import SharedDirections
+
+__all__ = ["RelativeCurvature", "relative_curvature", "subspace_fraction", "NoiseAccuracy", "noise_accuracy"]
+
+
+def _check_basis(u: Tensor, d: int, dtype, device) -> Tensor:
+    """(D, m) orthonormal columns from (D, m), (m, *shape) or SharedDirections."""
+    if isinstance(u, SharedDirections):
+        u = u.basis()
+    if not isinstance(u, Tensor):
+        raise TypeError(f"U must be a tensor or SharedDirections, got {type(u).__name__}")
+    if u.dim() == 2 and u.shape[0] == d:
+        b = u
+    elif u.shape[0] >= 1 and u[0].numel() == d:
+        b = u.reshape(u.shape[0], d).T
+    else:
+        raise ValueError(f"U must have shape (D, m) = ({d}, m) or (m, *shape), got {tuple(u.shape)}")
+    b = b.to(dtype=dtype, device=device)
+    check_finite("U", b)
+    gram = b.T @ b
+    err = (gram - torch.eye(b.shape[1], dtype=dtype, device=device)).abs().max()
+    if float(err) > 1e-4:
+        raise ValueError(f"U must have orthonormal columns (max |U^T U - I| = {float(err):.2e})")
+    return b
+
+
+@dataclass
+class RelativeCurvature(Result):
+    """rho_i = |u_i^T S u_i| / E_v |v^T S v| per sample (N, m); mean over samples (m,).
+
+    Attributes:
+        rho: (N, m) relative curvature of each direction; mean: (m,) its mean over samples.
+        directional: (N, m) u_i^T S u_i (1 / input units); random_mean_abs: (N,) E_v |v^T S v|.
+        n_forward, n_backward: rows through the model.
+    """
+
+    rho: Tensor
+    mean: Tensor
+    directional: Tensor
+    random_mean_abs: Tensor
+    n_forward: int = 0
+    n_backward: int = 0
+
+    def summary(self) -> dict:
+        n = max(int(self.rho.shape[0]), 1)
+        return {
+            "n": int(self.rho.shape[0]),
+            "m": int(self.rho.shape[1]),
+            "mean_rho": [float(v) for v in self.mean],
+            "forward_per_sample": self.n_forward / n,
+            "backward_per_sample": self.n_backward / n,
+        }
+
+
+@dataclass
+class NoiseAccuracy(Result):
+    """Accuracy under random Gaussian noise of a fixed L2 norm inside span(U) and in its complement.
+
+    Attributes:
+        clean, subspace, complement: accuracies (fractions) on the clean inputs and under noise
+            inside the subspace / inside its orthogonal complement (over N x n_draws draws).
+        radius: the L2 norm of every noise draw (input units); n_draws: draws per sample and space.
+    """
+
+    clean: float
+    subspace: float
+    complement: float
+    radius: float
+    n_draws: int
+
+    def summary(self) -> dict:
+        return {"accuracy_clean": self.clean, "accuracy_subspace": self.subspace,
+                "accuracy_complement": self.complement, "radius": self.radius, "n_draws": self.n_draws}
+
+
+def relative_curvature(
+    model: Callable,
+    xs: Tensor,
+    U,
+    *,
+    pair=None,
+    n_dirs: int = 20,
+    h=None,
+    h_rel: float = DEFAULT_H_REL,
+    scheme: str = "central",
+    seed: int | None = 0,
+    batch_size: int | None = None,
+) -> RelativeCurvature:
+    """How curved the boundary is along given directions relative to random tangent directions.
+
+    rho_i(x) = |u_i^T S u_i| / E_v |v^T S v|, S the shape operator of F = f_i - f_j (``pair``,
+    default (runner-up, predicted)) at x, v uniform unit tangent vectors (``n_dirs`` of them);
+    u_i is used as given (its normal component does not count: S = -P H P / ||grad F||).
+
+    Args:
+        xs: (N, *shape); U: (D, m) orthonormal columns, (m, *shape) rows, or SharedDirections.
+    Returns:
+        :class:`RelativeCurvature` with rho (N, m), its sample mean (m,), the directional
+        curvatures u_i^T S u_i (N, m) and E_v |v^T S v| (N,).
+    """
+    check_model(model)
+    xs = check_curvature_inputs(xs, "xs")
+    scheme = check_choice("scheme", scheme, SCHEMES)
+    n_dirs = check_int("n_dirs", n_dirs, minimum=1)
+    n, shape, d = xs.shape[0], tuple(xs.shape[1:]), xs[0].numel()
+    basis = _check_basis(U, d, xs.dtype, xs.device)
+    batch_size = resolve_batch_size(batch_size)
+    m = basis.shape[1]
+    hs, cost, flat, gen = _fd_setup(xs, d, h, h_rel, seed)
+    with model_guard(model):
+        logits = logits_rows(model, flat, shape, batch_size, cost)
+        pi, pj = _resolve_pair(pair, logits)
+        _, g = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
+        gnorm = g.norm(dim=1).clamp_min(torch.finfo(xs.dtype).tiny)
+        normal = g / gnorm.unsqueeze(1)
+        v = _project(_random_unit(n, n_dirs, d, xs.dtype, xs.device, gen), normal)
+        v = v / v.norm(dim=2, keepdim=True)
+        pu = _project(basis.T.unsqueeze(0).expand(n, m, d), normal)  # (N, m, D)
+        pun = pu.norm(dim=2)
+        dirs = torch.cat([pu / pun.clamp_min(1e-30).unsqueeze(2), v], 1)  # (N, m + T, D)
+        r = m + n_dirs
+        rows = flat.unsqueeze(1).expand(n, r, d).reshape(-1, d)
+        q = _second_diff_rows(model, rows, dirs.reshape(-1, d), hs.repeat_interleave(r), shape, scheme,
+                              batch_size, cost, base_logits=logits.repeat_interleave(r, 0))
+        form = (-_pair_values(q, pi.repeat_interleave(r), pj.repeat_interleave(r))).reshape(n, r) / gnorm.unsqueeze(1)
+    directional = form[:, :m] * pun**2
+    rand = form[:, m:].abs().mean(1)
+    rho = directional.abs() / rand.unsqueeze(1)
+    return RelativeCurvature(rho=rho, mean=rho.mean(0), directional=directional, random_mean_abs=rand,
+                             **cost.counts())
+
+
+def subspace_fraction(v: Tensor, U) -> Tensor:
+    """||P_S v|| / ||v|| per row, S = span(U): v (N, *shape), U (D, m) or (m, *shape). (N,)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    check_finite("v", v)
+    n, d = v.shape[0], v[0].numel()
+    basis = _check_basis(U, d, v.dtype, v.device)
+    flat = v.reshape(n, d)
+    norm = flat.norm(dim=1)
+    if bool((norm == 0).any()):
+        raise ValueError(f"v has {int((norm == 0).sum())} zero rows: the fraction is undefined")
+    return (flat @ basis).norm(dim=1) / norm
+
+
+def noise_accuracy(
+    model: Callable,
+    x: Tensor,
+    labels: Tensor,
+    U,
+    *,
+    radius: float,
+    n_draws: int = 10,
+    seed: int | None = 0,
+    batch_size: int | None = None,
+) -> NoiseAccuracy:
+    """Accuracy under random Gaussian noise of L2 norm ``radius`` inside span(U) vs its complement.
+
+    Args:
+        x: (N, *shape), labels: (N,) int64, U: (D, m) orthonormal columns or (m, *shape).
+        radius: > 0, the L2 norm of every noise draw (input units); n_draws: draws per sample and space.
+        batch_size: input rows per model call (None: automatic).
+    Returns:
+        :class:`NoiseAccuracy`.
+    """
+    check_model(model)
+    x = check_curvature_inputs(x)
+    n_draws = check_int("n_draws", n_draws, minimum=1)
+    radius = check_number("radius", radius, minimum=0, strict_minimum=True)
+    batch_size = resolve_batch_size(batch_size)
+    n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
+    lab = check_labels(labels, n, device=x.device)
+    basis = _check_basis(U, d, x.dtype, x.device)
+    gen = make_generator(seed, x.device)
+    cost = RowCost()
+    flat = x.reshape(n, d)
+    g = torch.randn(2, n, n_draws, d, dtype=x.dtype, device=x.device, generator=gen)
+    inside = (g[0] @ basis) @ basis.T
+    outside = g[1] - (g[1] @ basis) @ basis.T
+    noise = torch.stack([inside, outside])
+    noise = radius * noise / noise.norm(dim=-1, keepdim=True)
+    rows = (flat.reshape(1, n, 1, d) + noise).reshape(-1, d)
+    with model_guard(model):
+        clean = logits_rows(model, flat, shape, batch_size, cost).argmax(1)
+        pred = logits_rows(model, rows, shape, batch_size, cost).argmax(1).reshape(2, n, n_draws)
+    hit = pred == lab.reshape(1, n, 1)
+    return NoiseAccuracy(clean=float((clean == lab).double().mean()), subspace=float(hit[0].double().mean()),
+                         complement=float(hit[1].double().mean()), radius=radius, n_draws=n_draws)

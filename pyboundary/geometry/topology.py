@@ -1,0 +1,549 @@
+"""Shape of classification regions: path connectivity (Fawzi et al.), convex combinations,
+and the distance to the boundary along random directions.
+
+Region of x: R(x) = {z : k̂(z) = k̂(x)}. Distances are Euclidean, in input units.
+All functions leave the model unchanged (:func:`pyboundary._utils.model.model_guard`) and evaluate
+points in batches of at most ``batch_size`` inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._utils.batching import resolve_batch_size
+from .._utils.model import CallCounter, model_guard, predict
+from .._utils.results import Result
+from .._utils.rng import make_generator
+from .._utils.stats import summarize
+from .._utils.validation import check_finite, check_int
+from ..attacks.deepfool import deepfool
+
+__all__ = [
+    "predict",
+    "first_crossing",
+    "PathResult",
+    "find_path",
+    "path_connectivity",
+    "ConvexResult",
+    "convex_combination_probability",
+    "RandomDirectionResult",
+    "random_direction_robustness",
+]
+
+
+def _bcast(t: Tensor, like: Tensor) -> Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def first_crossing(
+    model: Callable,
+    x: Tensor,
+    v: Tensor,
+    label: Tensor,
+    max_radius,
+    *,
+    n_grid: int = 32,
+    n_bisect: int = 24,
+    batch_size: int | None = None,
+    counter: CallCounter | None = None,
+) -> Tensor:
+    """Distance from x along v to the first point predicted other than ``label`` (batched).
+
+    A grid t_j = j * max_radius / n_grid, j = 1..n_grid, locates the first grid point outside
+    the region; bisection between it and the previous grid point then refines the crossing to
+    max_radius / n_grid / 2^n_bisect. A region thinner than one grid step along v can be jumped
+    over (the grid is the resolution of the search). Rows are processed in chunks so that at
+    most ``batch_size`` inputs are held at once (at least one row of n_grid points).
+
+    Args:
+        x: (M, ...) starting points; v: (M, ...) directions (their length is the unit of t; pass
+            unit vectors for Euclidean distances); label: (M,) the region's class.
+        max_radius: float or (M,) tensor, the search range.
+    Returns:
+        (M,) float64 distances t * ||v|| in input units; inf where no crossing within max_radius.
+    """
+    batch_size = resolve_batch_size(batch_size)
+    n_grid = check_int("n_grid", n_grid, minimum=1)
+    n_bisect = check_int("n_bisect", n_bisect, minimum=0)
+    m = x.shape[0]
+    r = torch.as_tensor(max_radius, dtype=torch.float64, device=x.device).expand(m).clone()
+    rows = max(1, batch_size // n_grid)
+    parts = [_crossing_chunk(model, x[s:s + rows], v[s:s + rows], label[s:s + rows], r[s:s + rows],
+                             n_grid, n_bisect, batch_size, counter) for s in range(0, m, rows)]
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+    vnorm = v.flatten(1).double().norm(dim=1)
+    # a zero direction never leaves the region: inf (not inf * 0 = nan)
+    return torch.where(vnorm > 0, out * vnorm, torch.full_like(out, math.inf))
+
+
+def _crossing_chunk(model, x, v, label, r, n_grid, n_bisect, batch_size, counter) -> Tensor:
+    """first_crossing for one chunk of rows; returns t (not yet scaled by ||v||)."""
+    m = x.shape[0]
+    grid = torch.arange(1, n_grid + 1, dtype=torch.float64, device=x.device) / n_grid  # (G,)
+    ts = r.unsqueeze(1) * grid.unsqueeze(0)  # (m, G)
+    pts = x.unsqueeze(1) + ts.to(x.dtype).view(m, n_grid, *([1] * (x.dim() - 1))) * v.unsqueeze(1)
+    pred = predict(model, pts.reshape(m * n_grid, *x.shape[1:]), batch_size=batch_size,
+                   counter=counter).view(m, n_grid)
+    outside = pred != label.unsqueeze(1)
+    found = outside.any(1)
+    first = torch.where(found, outside.float().argmax(1), torch.zeros_like(label))
+    hi = torch.where(found, ts.gather(1, first.unsqueeze(1)).squeeze(1), torch.full_like(r, math.inf))
+    lo = torch.where(first > 0, hi - r / n_grid, torch.zeros_like(r))
+    act = found.nonzero().squeeze(1)
+    lo_a, hi_a = lo[act], hi[act]
+    for _ in range(n_bisect if act.numel() else 0):
+        mid = (lo_a + hi_a) / 2
+        p = predict(model, x[act] + _bcast(mid.to(x.dtype), x) * v[act], batch_size=batch_size, counter=counter)
+        out = p != label[act]
+        hi_a = torch.where(out, mid, hi_a)
+        lo_a = torch.where(out, lo_a, mid)
+    hi[act] = hi_a
+    return hi
+
+
+# --------------------------------------------------------------------------- path search
+@dataclass
+class PathResult(Result):
+    """Outcome of :func:`find_path`.
+
+    anchors: (P, ...) points x1 = anchors[0], ..., anchors[-1] = x2 of the piecewise-linear path;
+    valid: whether every segment was verified inside the region (by sampling);
+    label: the region's class; length: path length; straight: ||x2 - x1||; ratio: length /
+    straight; depth: recursion depth reached; n_calls: batched model calls (forward and, inside
+    DeepFool, backward passes); n_inputs: inputs evaluated by forward passes outside DeepFool;
+    reason: why the search failed ('' when valid).
+    """
+
+    anchors: Tensor
+    valid: bool
+    label: int
+    length: float
+    straight: float
+    depth: int
+    n_calls: int
+    n_inputs: int
+    reason: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.length / self.straight if self.straight > 0 else 1.0
+
+    def summary(self) -> dict:
+        return {"valid": self.valid, "label": self.label, "n_anchors": int(self.anchors.shape[0]),
+                "length": self.length, "straight": self.straight, "ratio": self.ratio,
+                "depth": self.depth, "n_calls": self.n_calls, "reason": self.reason}
+
+
+def _check_sample_pair(x1, x2) -> None:
+    for name, t in (("x1", x1), ("x2", x2)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (one input, no batch dimension), "
+                            f"got {type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
+        check_finite(name, t)
+    if x1.shape != x2.shape:
+        raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+
+
+def _push_into(model, pts: Tensor, label: int, deepfool_kwargs: dict, counter: CallCounter) -> tuple[Tensor, Tensor]:
+    """Targeted DeepFool: move each point (B, ...) into class ``label``; returns (points, converged).
+
+    Unrefined by default (``refine=False``): the point lands past the boundary by the overshoot
+    (2 % of the perturbation), not on it, so that segments from it are not born grazing the
+    boundary. ``deepfool_kwargs`` override these defaults."""
+    kw = {"p": 2, "overshoot": 0.02, "max_iter": 50, "refine": False}
+    kw.update(deepfool_kwargs)
+    target = torch.full((pts.shape[0],), int(label), dtype=torch.int64, device=pts.device)
+    res = deepfool(model, pts, target=target, **kw)
+    for name in ("n_forward", "n_backward"):
+        val = getattr(res, name, 0)
+        counter.calls += int(val.max()) if isinstance(val, Tensor) and val.numel() else int(val or 0)
+    return (pts + res.perturbation.to(pts.dtype)).detach(), res.converged.to(torch.bool)
+
+
+def _segments_ok(model, a: Tensor, b: Tensor, label: int, n_check: int, batch_size: int, counter) -> Tensor:
+    """(S,) bool: all n_check interior sample points of each segment a_i -> b_i are in the region."""
+    t = torch.arange(1, n_check + 1, dtype=a.dtype, device=a.device) / (n_check + 1)
+    shape = (1, n_check) + (1,) * (a.dim() - 1)
+    pts = a.unsqueeze(1) + t.view(shape) * (b - a).unsqueeze(1)  # (S, n_check, ...)
+    pred = predict(model, pts.reshape(-1, *a.shape[1:]), batch_size=batch_size, counter=counter)
+    return (pred.view(a.shape[0], n_check) == label).all(1)
+
+
+def find_path(
+    model: Callable,
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    max_depth: int = 8,
+    n_check: int = 16,
+    batch_size: int | None = None,
+    deepfool_kwargs: dict | None = None,
+) -> PathResult:
+    """Search a piecewise-linear path from x1 to x2 inside the classification region of x1.
+
+    The recursive-midpoint search of Fawzi et al. (2018), run breadth first so that each level is
+    batched: every segment not yet verified is checked by evaluating ``n_check`` equally spaced
+    interior points; each failing segment is split at its midpoint, and a midpoint outside the
+    region is moved back into it with the smallest perturbation found by targeted DeepFool
+    (``pyboundary.deepfool(..., target=label)``). Verified segments are kept. The search stops
+    with ``valid=True`` when all segments pass, and with ``valid=False`` at ``max_depth`` or when
+    a midpoint cannot be pushed back. Validity is verified by sampling: a region thinner than
+    the sample spacing can be crossed unseen.
+
+    Args:
+        model: callable (N, ...) -> (N, L) logits.
+        x1, x2: one input each (no batch dimension), same shape; both must be predicted the same
+            class (push x2 into the region first, e.g. with targeted DeepFool).
+        max_depth: number of subdivision levels (>= 0); at most 2^max_depth segments.
+        n_check: interior points sampled per segment (>= 1).
+        deepfool_kwargs: extra arguments of the targeted DeepFool (default p=2, overshoot=0.02).
+    Returns:
+        :class:`PathResult`.
+    """
+    batch_size = resolve_batch_size(batch_size)
+    _check_sample_pair(x1, x2)
+    max_depth = check_int("max_depth", max_depth, minimum=0)
+    n_check = check_int("n_check", n_check, minimum=1)
+    counter = CallCounter()
+    dkw = dict(deepfool_kwargs or {})
+    with model_guard(model):
+        ends = torch.stack([x1.detach(), x2.detach().to(x1.dtype)])
+        try:
+            lab = predict(model, ends, counter=counter)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the model cannot classify x1/x2 of shape {tuple(x1.shape)} stacked into a batch "
+                f"{tuple(ends.shape)}: x1 and x2 must be single inputs without a batch dimension "
+                f"(for a batch of one, pass x[0]). Model error: {err}"
+            ) from err
+        label = int(lab[0])
+        if int(lab[1]) != label:
+            raise ValueError(
+                f"x1 and x2 must be in the same region: x1 is predicted class {label}, x2 class "
+                f"{int(lab[1])}; push x2 into class {label} first (deepfool(..., target=...))"
+            )
+        points = [ends[0], ends[1]]  # anchors in path order
+        ok = [False]  # ok[i]: segment points[i] -> points[i+1] verified
+        depth, reason = 0, ""
+        while True:
+            todo = [i for i, flag in enumerate(ok) if not flag]
+            a = torch.stack([points[i] for i in todo])
+            b = torch.stack([points[i + 1] for i in todo])
+            passed = _segments_ok(model, a, b, label, n_check, batch_size, counter)
+            for j, i in enumerate(todo):
+                ok[i] = bool(passed[j])
+            bad = [i for i in todo if not ok[i]]
+            if not bad:
+                break
+            if depth >= max_depth:
+                reason = f"depth limit {max_depth} reached with {len(bad)} segment(s) leaving the region"
+                break
+            mids = torch.stack([(points[i] + points[i + 1]) / 2 for i in bad])
+            outside = (predict(model, mids, batch_size=batch_size, counter=counter) != label).nonzero().squeeze(1)
+            if outside.numel():
+                with torch.enable_grad():
+                    moved, conv = _push_into(model, mids[outside], label, dkw, counter)
+                back = predict(model, moved, batch_size=batch_size, counter=counter) == label
+                if not bool((conv & back).all()):
+                    reason = (f"targeted DeepFool could not move {int((~(conv & back)).sum())} "
+                              f"midpoint(s) back into class {label} at depth {depth + 1}")
+                    break
+                mids[outside] = moved
+            depth += 1
+            for j, i in sorted(enumerate(bad), key=lambda t: -t[1]):  # insert from the back
+                points.insert(i + 1, mids[j])
+                ok[i:i + 1] = [False, False]
+    anchors = torch.stack(points)
+    length = float(anchors.diff(dim=0).flatten(1).double().norm(dim=1).sum())
+    straight = float((x2 - x1).double().norm())
+    valid = all(ok) and not reason
+    return PathResult(anchors, valid, label, length, straight, depth, counter.calls, counter.inputs,
+                      "" if valid else reason)
+
+
+@dataclass
+class PathConnectivity(Result):
+    """Outcome of :func:`path_connectivity`.
+
+    Attributes:
+        scenario: 'same-label', 'adversarial' or 'random-sphere'.
+        results: one :class:`PathResult` per pair that could be formed.
+        n_skipped: pairs that could not be formed (no partner of the needed class, or the
+            targeted push failed).
+    """
+
+    scenario: str
+    results: list
+    n_skipped: int = 0
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.results)
+
+    @property
+    def n_valid(self) -> int:
+        return sum(1 for r in self.results if r.valid)
+
+    @property
+    def rate(self) -> float:
+        """Fraction of the formed pairs joined by a valid path (NaN when none was formed)."""
+        return self.n_valid / self.n_pairs if self.results else float("nan")
+
+    @property
+    def ratios(self) -> list:
+        """Path length / straight distance of the valid paths."""
+        return [r.ratio for r in self.results if r.valid]
+
+    def summary(self) -> dict:
+        ratios = np.asarray(self.ratios, dtype=np.float64)
+        return {"scenario": self.scenario, "n_pairs": self.n_pairs, "n_skipped": self.n_skipped,
+                "n_valid": self.n_valid, "rate": self.rate,
+                "median_ratio": float(np.median(ratios)) if ratios.size else float("nan")}
+
+    def to_numpy(self) -> dict:
+        return {"scenario": self.scenario, "n_skipped": self.n_skipped,
+                "valid": np.array([r.valid for r in self.results], dtype=bool),
+                "ratio": np.array([r.ratio for r in self.results], dtype=np.float64)}
+
+
+def path_connectivity(
+    model: Callable,
+    x: Tensor,
+    *,
+    scenario: str = "same-label",
+    n_pairs: int = 20,
+    seed: int = 0,
+    radius: float | None = None,
+    **path_kwargs,
+) -> PathConnectivity:
+    """Rate of valid paths for the three scenarios of Fawzi et al. (2018).
+
+    scenario 'same-label': random pairs of inputs with the same predicted label;
+    'adversarial': x1 and an input x2 of another predicted class moved into x1's class by
+    targeted DeepFool; 'random-sphere': x1 and a Gaussian-random point on the sphere of radius
+    ``radius`` (default: the median input norm) moved into x1's class by targeted DeepFool.
+
+    Args:
+        x: (N, ...) inputs to draw from. Extra keyword arguments go to :func:`find_path`.
+    Returns:
+        :class:`PathConnectivity` (pairs that could not be formed are skipped and counted).
+    """
+    scenarios = ("same-label", "adversarial", "random-sphere")
+    if scenario not in scenarios:
+        raise ValueError(f"scenario must be one of {scenarios}, got {scenario!r}")
+    n_pairs = check_int("n_pairs", n_pairs, minimum=1)
+    gen = torch.Generator().manual_seed(int(seed))
+    counter = CallCounter()
+    dkw = dict(path_kwargs.get("deepfool_kwargs") or {})
+    with model_guard(model):
+        pred = predict(model, x, counter=counter).cpu()
+        n = x.shape[0]
+        first = torch.randint(0, n, (n_pairs,), generator=gen)
+        seconds = []
+        for i in first.tolist():  # pair construction only (cheap index draws)
+            if scenario == "same-label":
+                cand = ((pred == pred[i]) & (torch.arange(n) != i)).nonzero().squeeze(1)
+            else:
+                cand = (pred != pred[i]).nonzero().squeeze(1)
+            seconds.append(int(cand[torch.randint(0, cand.numel(), (1,), generator=gen)]) if cand.numel() else -1)
+        keep = [j for j, s in enumerate(seconds) if s >= 0 or scenario == "random-sphere"]
+        i1 = first[keep].to(x.device)
+        x1 = x[i1]
+        if scenario == "same-label":
+            x2 = x[torch.tensor([seconds[j] for j in keep], device=x.device)]
+            pushed = torch.ones(len(keep), dtype=torch.bool)
+        else:
+            if scenario == "adversarial":
+                start = x[torch.tensor([seconds[j] for j in keep], device=x.device)]
+            else:
+                r = float(radius) if radius is not None else float(x.flatten(1).norm(dim=1).median())
+                g = torch.randn(x1.shape, generator=gen).to(x.device, x.dtype)
+                start = g / _bcast(g.flatten(1).norm(dim=1), g) * r
+            with torch.enable_grad():
+                x2, conv = _push_targets(model, start, pred[first[keep]].to(x.device), dkw, counter)
+            pushed = (conv & (predict(model, x2, counter=counter) == pred[first[keep]].to(x.device))).cpu()
+    results = []
+    for j in range(len(keep)):
+        if not bool(pushed[j]):
+            continue
+        results.append(find_path(model, x1[j], x2[j], **path_kwargs))
+    return PathConnectivity(scenario=scenario, results=results, n_skipped=n_pairs - len(results))
+
+
+def _push_targets(model, pts: Tensor, targets: Tensor, dkw: dict, counter: CallCounter):
+    """Targeted DeepFool with per-sample targets; points already in their target stay put."""
+    kw = {"p": 2, "overshoot": 0.02, "max_iter": 50, "refine": False}
+    kw.update(dkw)
+    out = pts.clone()
+    conv = torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
+    move = (predict(model, pts, counter=counter) != targets).nonzero().squeeze(1)
+    if move.numel():
+        res = deepfool(model, pts[move], target=targets[move], **kw)
+        out[move] = (pts[move] + res.perturbation.to(pts.dtype)).detach()
+        conv[move] = res.converged.to(torch.bool)
+    return out, conv
+
+
+# ------------------------------------------------------------------- convex combinations
+@dataclass
+class ConvexResult(Result):
+    """probability[i]: fraction of n_trials random convex combinations of ks[i] inputs predicted
+    ``label``; se[i] = sqrt(p (1 - p) / n_trials) (binomial standard error)."""
+
+    ks: list
+    probability: np.ndarray
+    se: np.ndarray
+    n_trials: int
+    label: int
+
+    def summary(self) -> dict:
+        return {"label": self.label, "n_trials": self.n_trials,
+                "probability": dict(zip(self.ks, self.probability.tolist()))}
+
+
+def convex_combination_probability(
+    model: Callable,
+    xs: Tensor,
+    k=2,
+    n_trials: int = 1000,
+    seed: int = 0,
+    *,
+    batch_size: int | None = None,
+) -> ConvexResult:
+    """Probability that a random convex combination of k inputs of one region stays in it.
+
+    Each trial draws k distinct inputs of ``xs`` uniformly and weights uniform on the simplex
+    (Dirichlet(1, ..., 1)), and checks the predicted class of sum_i w_i x_i.
+
+    Args:
+        xs: (n, ...) inputs all predicted the same class (the region).
+        k: int or sequence of ints, each in [2, n] (e.g. range(2, 11)).
+        n_trials: combinations per k (>= 1).
+        seed: seed of the draws.
+    Returns:
+        :class:`ConvexResult` (one probability per k).
+    """
+    batch_size = resolve_batch_size(batch_size)
+    if not isinstance(xs, Tensor) or not xs.is_floating_point() or xs.dim() < 2:
+        raise TypeError(f"xs must be a floating tensor (n, ...), got {getattr(xs, 'shape', type(xs).__name__)}")
+    check_finite("xs", xs)
+    ks = [k] if isinstance(k, int) else list(k)
+    n = xs.shape[0]
+    for kk in ks:
+        check_int("k", kk, minimum=2, maximum=n)
+    n_trials = check_int("n_trials", n_trials, minimum=1)
+    gen = make_generator(seed, "cpu")
+    probs = []
+    with model_guard(model):
+        pred = predict(model, xs, batch_size=batch_size)
+        label = int(pred[0])
+        if bool((pred != label).any()):
+            raise ValueError(f"xs must all be predicted the same class; got classes "
+                             f"{sorted(set(pred.tolist()))}")
+        for kk in ks:
+            idx = torch.multinomial(torch.ones(n_trials, n), kk, replacement=False, generator=gen)
+            w = -torch.rand(n_trials, kk, generator=gen, dtype=torch.float64).clamp_min(1e-300).log()
+            w = (w / w.sum(1, keepdim=True)).to(xs.dtype).to(xs.device)
+            hits = 0
+            for s in range(0, n_trials, max(1, batch_size // kk)):
+                sl = slice(s, s + max(1, batch_size // kk))
+                combo = torch.einsum("tk,tk...->t...", w[sl], xs[idx[sl].to(xs.device)])
+                hits += int((predict(model, combo, batch_size=batch_size) == label).sum())
+            probs.append(hits / n_trials)
+    p = np.asarray(probs, dtype=np.float64)
+    return ConvexResult(ks, p, np.sqrt(p * (1 - p) / n_trials), n_trials, label)
+
+
+# ---------------------------------------------------------------- random-direction robustness
+@dataclass
+class RandomDirectionResult(Result):
+    """Distance to the boundary along random unit directions vs the adversarial margin.
+
+    distance: (N, T) min over ±v of the first crossing along v (inf: none within max_radius);
+    margin: (N,) adversarial (DeepFool L2) margin; ratio: (N, T) distance / margin;
+    sqrt_d: sqrt(D), the ratio expected for a flat boundary in high dimension (E|<v, n>| ~
+    sqrt(2 / (pi D)) for a random unit v, so ratio ~ sqrt(pi D / 2)).
+    """
+
+    distance: Tensor
+    margin: Tensor
+    ratio: Tensor
+    sqrt_d: float
+
+    def summary(self) -> dict:
+        r = self.ratio.flatten().cpu().numpy()
+        out = summarize(r)
+        out["sqrt_d"] = self.sqrt_d
+        out["flat_reference"] = math.sqrt(math.pi / 2) * self.sqrt_d
+        out["frac_not_found"] = float(np.mean(~np.isfinite(r))) if r.size else float("nan")
+        # median counting not-found directions as "beyond the range" (inf), not dropping them
+        out["median_censored"] = float(np.median(r)) if r.size else float("nan")
+        return out
+
+
+def random_direction_robustness(
+    model: Callable,
+    x: Tensor,
+    *,
+    n_directions: int = 20,
+    margin: Tensor | None = None,
+    max_radius=None,
+    seed: int = 0,
+    n_grid: int = 32,
+    n_bisect: int = 24,
+    batch_size: int | None = None,
+    deepfool_kwargs: dict | None = None,
+) -> RandomDirectionResult:
+    """Line search to the boundary along random unit directions, both ways, against the margin.
+
+    For each input x_n and each of ``n_directions`` Gaussian-random unit directions v: the
+    distance min(t+, t-) to the first change of prediction along +v and -v (:func:`first_crossing`).
+    Compared with the adversarial margin (DeepFool L2, or ``margin`` when given): for a flat
+    boundary ratio = 1 / |cos(v, normal)|, whose typical size is sqrt(pi D / 2).
+
+    Args:
+        x: (N, ...) inputs; margin: optional (N,) adversarial margins (computed when None).
+        max_radius: search range, float or (N,) (default 4 sqrt(D) x margin per sample).
+    Returns:
+        :class:`RandomDirectionResult`.
+    """
+    batch_size = resolve_batch_size(batch_size)
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise TypeError(f"x must be a floating tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    check_finite("x", x)
+    n_directions = check_int("n_directions", n_directions, minimum=1)
+    n, d = x.shape[0], x[0].numel()
+    if margin is None:
+        margin = deepfool(model, x, p=2, **(deepfool_kwargs or {})).margin
+    margin = torch.as_tensor(margin, dtype=torch.float64).to(x.device).reshape(-1)
+    if margin.shape[0] != n:
+        raise ValueError(f"margin must have shape ({n},), got {tuple(margin.shape)}")
+    if max_radius is None:
+        finite = torch.isfinite(margin)
+        fallback = float(x.flatten(1).norm(dim=1).max()) * 4
+        max_radius = torch.where(finite, 4 * math.sqrt(d) * margin, torch.full_like(margin, fallback))
+    r = torch.as_tensor(max_radius, dtype=torch.float64, device=x.device).expand(n)
+    if not bool((r > 0).all()):
+        raise ValueError(f"max_radius must be > 0, got min {float(r.min())}")
+    gen = make_generator(seed, "cpu")
+    v = torch.randn((n, n_directions, d), generator=gen, dtype=torch.float64)
+    v = (v / v.norm(dim=2, keepdim=True)).to(x.device, x.dtype).view(n, n_directions, *x.shape[1:])
+    with model_guard(model):
+        label = predict(model, x, batch_size=batch_size)
+        starts = x.detach().unsqueeze(1).expand(n, n_directions, *x.shape[1:])
+        both_x = torch.cat([starts, starts], 1).reshape(-1, *x.shape[1:])
+        both_v = torch.cat([v, -v], 1).reshape(-1, *x.shape[1:])
+        lab = label.repeat_interleave(2 * n_directions)
+        rad = r.repeat_interleave(2 * n_directions)
+        dist = first_crossing(model, both_x, both_v, lab, rad, n_grid=n_grid, n_bisect=n_bisect,
+                              batch_size=batch_size).view(n, 2, n_directions)
+    distance = dist.min(1).values
+    ratio = distance / margin.unsqueeze(1)
+    return RandomDirectionResult(distance, margin, ratio, math.sqrt(d))

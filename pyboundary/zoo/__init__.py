@@ -1,0 +1,37 @@
+"""Data sets, reference models, training and model loading (offline only: nothing is downloaded).
+
+* :func:`load_dataset`: digits, Fashion-MNIST, MNIST-5k, foolbox's labelled samples, image folders;
+  :func:`T1` / :func:`T2`: the synthetic data of Ortiz-Jimenez et al. (2020).
+* :func:`build`: untrained reference architectures; :func:`train`: a seeded training loop.
+* :func:`reference_model`: trained once on offline data and cached (crash-safe, lock-protected).
+* :func:`load_model`: a model from a command-line spec; :func:`efficientnet_lite0`: pretrained ImageNet.
+"""
+
+from .architectures import ARCHS, build
+from .cache import (
+    cache_dir,
+    default_epochs,
+    load_state_file,
+    reference_model,
+    weights_hash,
+)
+from .data import (
+    DATASETS,
+    ImageDataset,
+    MissingSourceError,
+    iter_batches,
+    load_dataset,
+    load_folder,
+    read_idx,
+)
+from .pretrained import PixelScale, efficientnet_lite0
+from .specs import load_model
+from .synthetic import T1, T2, SyntheticDataset, random_orthogonal
+from .training import accuracy, train
+
+__all__ = [
+    "ARCHS", "build", "train", "accuracy", "reference_model", "default_epochs", "cache_dir", "weights_hash",
+    "load_state_file", "load_model", "efficientnet_lite0", "PixelScale",
+    "DATASETS", "ImageDataset", "MissingSourceError", "load_dataset", "load_folder", "read_idx", "iter_batches",
+    "T1", "T2", "SyntheticDataset", "random_orthogonal",
+]

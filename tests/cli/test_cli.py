@@ -1,0 +1,150 @@
+"""The command line end to end on sklearn digits with a tiny seeded model (no training)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from pyboundary import cli
+from pyboundary.scans.margins import MarginScan
+
+TINY = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+"""
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    (tmp_path / "tinymod_cli.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYBOUNDARY_CACHE", str(tmp_path / "cache"))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return "tinymod_cli:build"
+
+
+def _scan_args(out, model, *extra):
+    return ["scan", "--model", model, "--data", "digits", "--subspaces", "dct:K=4,T=2", "--out", str(out),
+            "--limit", "20", "--batch-size", "16", "--no-progress", *extra]
+
+
+def test_scan_then_show(tmp_path, tiny_model, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_scan_args(out, tiny_model)) == 0
+    text = capsys.readouterr().out
+    assert "L2 margins in dct:K=4,T=2 (20 samples, 3 subspaces" in text and "med.wrong" in text
+    for name in ("scan.sqlite", "summary.txt", "margins.png", "histograms.png"):
+        assert (out / name).stat().st_size > 0
+    scan = MarginScan.load(out / "scan.sqlite")
+    assert scan.complete and scan.margins.shape == (20, 3) and scan.labels is not None
+    assert scan.meta["model"]["name"] == tiny_model and scan.meta["data"]["name"] == "digits"
+    assert bool(torch.isfinite(scan.margins).all())
+    # show prints the same table and re-draws the plots
+    assert cli.main(["show", str(out), "--no-plot"]) == 0
+    shown = capsys.readouterr().out
+    assert scan.format_summary() in shown
+    assert (out / "summary.txt").read_text().strip() in text
+    # resume of a complete scan: nothing recomputed, same results
+    assert cli.main(_scan_args(out, tiny_model, "--resume")) == 0
+    assert MarginScan.load(out / "scan.sqlite") == scan
+
+
+def test_linf_scan(tmp_path, tiny_model, capsys):
+    out = tmp_path / "linf"
+    assert cli.main(_scan_args(out, tiny_model, "--p", "inf")) == 0
+    assert "L-inf of subspace coordinates margins" in capsys.readouterr().out  # a DCT family
+    assert MarginScan.load(out / "scan.sqlite").p == math.inf
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--subspaces", "dct:K=40"], "larger than the image"),
+    (["--subspaces", "bogus:1"], "unknown subspace spec"),
+    (["--p", "3"], "--p must be 2 or inf"),
+    (["--batch-size", "0"], "positive integer"),
+    (["--data", "no-such-dataset"], "unknown dataset"),
+    (["--overshoot", "-1"], "--overshoot"),
+    (["--device", "tpu"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_without_traceback(tmp_path, tiny_model, capsys, argv_tail, message):
+    args = _scan_args(tmp_path / "bad", tiny_model)
+    for flag, value in zip(argv_tail[::2], argv_tail[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_refusals(tmp_path, tiny_model, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_scan_args(out, tiny_model)) == 0
+    capsys.readouterr()
+    assert cli.main(_scan_args(out, tiny_model)) == 2  # existing store without --resume
+    assert "--resume" in capsys.readouterr().err
+    other = _scan_args(out, tiny_model, "--resume")
+    other[other.index("--subspaces") + 1] = "dct:K=2,T=2"
+    assert cli.main(other) == 2
+    err = capsys.readouterr().err
+    assert "differing keys" in err and "subspaces" in err
+    assert cli.main(["show", str(tmp_path / "nothing")]) == 2
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "scan.sqlite").write_bytes(b"garbage" * 300)
+    assert cli.main(["show", str(junk)]) == 2
+    assert "not a readable pyboundary result store" in capsys.readouterr().err
+
+
+def test_cuda_refused_without_gpu(tmp_path, tiny_model, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(_scan_args(tmp_path / "c", tiny_model, "--device", "cuda")) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_parser_has_exactly_the_commands(capsys):
+    parser = cli.build_parser()
+    names = set(parser._subparsers._group_actions[0].choices)
+    assert names == {"demo", "scan", "show", "detect", "curvature", "topology", "track"}
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["--version"]) == 0
+    assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("command", ["scan", "detect", "curvature", "topology"])
+def test_shared_flags_have_one_meaning(command):
+    """--model --data --split --limit --seed --device --batch-size --out --no-progress on every
+    model-and-data command, with the same types and defaults of --batch-size (automatic)."""
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    flags = {a.dest: a for a in sub._actions}
+    for dest in ("model", "data", "split", "limit", "seed", "device", "batch_size", "out", "no_progress"):
+        assert dest in flags, f"{command} lacks --{dest.replace('_', '-')}"
+    assert flags["batch_size"].default is None and flags["split"].default == "test"
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_demo_runs_twice_and_resumes(tmp_path, monkeypatch, capsys):
+    from pyboundary import zoo as models
+
+    torch.manual_seed(0)
+    untrained = models.build("lenet", (1, 28, 28), 10)  # stands in for the cached reference model
+    monkeypatch.setattr(models, "reference_model", lambda *a, **k: untrained)
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--limit", "3", "--no-progress", "--max-iter", "5"]
+    assert cli.main(args) == 0
+    first = MarginScan.load(out / "scan.sqlite")
+    assert first.n_samples == 3 and first.n_subspaces == 21
+    assert cli.main(args) == 0  # a second run resumes the finished scan instead of failing
+    assert "resuming it" in capsys.readouterr().out
+    assert MarginScan.load(out / "scan.sqlite") == first
+    assert cli.main(args[:4] + ["4"] + args[5:]) == 2  # other settings: refused, nothing overwritten

@@ -1,0 +1,78 @@
+"""``pyboundary curvature``: statistics and plot on a quadric boundary with known curvatures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from analytic import Quadric
+
+from pyboundary import cli
+
+# principal curvatures of the boundary of F = x_1 - 1/2 sum_i a_i y_i^2 (y: the other 8 coordinates)
+A = torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64)
+
+
+class DS:
+    classes = ["0", "1"]
+
+    def __init__(self, n):
+        self.x = torch.zeros(n, 1, 3, 3, dtype=torch.float64)
+        self.x[:, 0, 0, 0] = -torch.linspace(0.1, 0.5, n, dtype=torch.float64)
+        self.labels = torch.zeros(n, dtype=torch.int64)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    from pyboundary import zoo
+
+    seen = {}
+
+    def fake_load(name, split="test", limit=None, seed=0):
+        seen.update(name=name, split=split, limit=limit)
+        return DS(limit)
+
+    monkeypatch.setattr(zoo, "load_model", lambda spec, **kw: Quadric(A, layout="zero-first"))
+    monkeypatch.setattr(zoo, "load_dataset", fake_load)
+    return seen
+
+
+def test_curvature_cli_recovers_known_curvatures(toy, tmp_path, capsys):
+    code = cli.main(["curvature", "--model", "quadric", "--data", "toy", "--limit", "6", "--k", "2", "--n-dirs", "8",
+                     "--h-rel", "0.5", "--profile-samples", "2", "--out", str(tmp_path)])
+    assert code == 0
+    assert toy == {"name": "toy", "split": "test", "limit": 6}
+    out = capsys.readouterr().out
+    assert "largest principal curvature" in out and "curvature_profile.png" in out
+    rep = json.loads((tmp_path / "curvature.json").read_text())
+    assert rep["n"] == 6 and rep["k"] == 2
+    assert rep["largest"]["median"] == pytest.approx(2.0, rel=1e-6)
+    assert rep["largest"]["p5"] == pytest.approx(2.0, rel=1e-6)
+    assert rep["smallest"]["median"] == pytest.approx(-1.0, rel=1e-6)
+    # trace form with 8 random directions: tr(H) is estimated, so only roughly mean(A) = 0.47
+    assert rep["mean_runner_up"]["mean"] == pytest.approx(float(A.mean()), abs=0.35)
+    assert rep["mean_all"] == rep["mean_runner_up"]  # two classes: one other class
+    assert np.allclose(rep["profile"], A.numpy(), atol=1e-6)
+    assert rep["forward_per_input"] > 0 and rep["backward_per_input"] > 0
+    assert (tmp_path / "curvature_profile.png").stat().st_size > 0
+
+
+def test_curvature_cli_without_out_or_profile(toy, tmp_path, capsys):
+    assert cli.main(["curvature", "--model", "q", "--data", "toy", "--limit", "3", "--profile-samples", "0",
+                     "--k", "1", "--n-dirs", "2", "--h-rel", "0.5"]) == 0
+    assert "cost:" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--h-rel", "-1"], "h_rel must be a positive"),
+    (["--profile-samples", "-2"], "expected an integer >= 0"),
+])
+def test_curvature_cli_bad_arguments(toy, capsys, argv, message):
+    assert cli.main(["curvature", "--model", "q", "--data", "toy", "--limit", "3", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_curvature_cli_rejects_bad_limit(toy, capsys):
+    assert cli.main(["curvature", "--model", "q", "--data", "toy", "--limit", "0"]) == 2
+    assert "positive integer" in capsys.readouterr().err

@@ -1,0 +1,23 @@
+"""``pyboundary track`` end to end on sklearn digits (one epoch, adversarial)."""
+
+import pytest
+
+from pyboundary import cli
+from pyboundary.experiments.tracking_run import track
+
+
+def test_cli_track_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    assert cli.main(["track", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--n-track", "12",
+                     "--limit", "128", "--out", str(out), "--max-iter", "10", "--no-progress",
+                     "--adversarial", "pgd-linf:eps=0.05,steps=2,frac=0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "epoch" in text and "wrong->right" in text
+    assert (out / "track.sqlite").exists() and (out / "curves.png").exists()
+    assert (out / "transitions_test.png").exists() and (out / "hist_train_linf.png").exists()
+    with pytest.raises(ValueError, match="attack"):
+        track("mlp", "digits", epochs=1, adversarial="fgsm:eps=1", n_track=4)
+    with pytest.raises(ValueError, match="cannot be resumed, so choose another --out"):
+        track("mlp", "digits", epochs=1, n_track=4, out=out)
+    assert cli.main(["track", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 2
