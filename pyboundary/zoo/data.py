@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils.results import Result
+
 __all__ = [
     "ImageDataset",
     "MissingSourceError",
@@ -91,7 +93,7 @@ class MissingSourceError(RuntimeError):
 
 
 @dataclass(frozen=True, eq=False)
-class ImageDataset:
+class ImageDataset(Result):
     """A labelled image set held in memory.
 
     Attributes:
@@ -122,6 +124,10 @@ class ImageDataset:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "split": self.split, "n": len(self), "image_shape": list(self.image_shape),
+                "n_classes": self.n_classes, "identity": self.identity}
 
     def subset(self, indices) -> "ImageDataset":
         """The samples at ``indices`` (sequence/tensor of ints or a bool mask), in that order.

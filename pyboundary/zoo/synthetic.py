@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._utils.results import Result
 from .._utils.rng import make_generator
 from .._utils.validation import check_int, check_number
 
@@ -27,7 +28,7 @@ __all__ = ["SyntheticDataset", "T1", "T2", "random_orthogonal"]
 
 
 @dataclass
-class SyntheticDataset:
+class SyntheticDataset(Result):
     """A synthetic dataset.
 
     Attributes:
@@ -64,6 +65,10 @@ class SyntheticDataset:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def summary(self) -> dict:
+        return {"name": self.name, "n": len(self), "shape": list(self.x.shape[1:]),
+                "class_counts": [int((self.labels == c).sum()) for c in range(2)]}
 
 
 def random_orthogonal(D: int, seed: int = 0) -> Tensor:
