@@ -36,6 +36,7 @@ _EXPORTS = {
     # margin scans and dynamics
     "margin_scan": "scans.margins", "MarginScan": "scans.margins", "ResultStore": "scans.store",
     "distributed_scan": "scans.distributed", "MarginTracker": "scans.tracking",
+    "compare": "scans.comparison", "ScanComparison": "scans.comparison",
     # curvature, detection, topology, frequency analysis
     "principal_curvatures": "geometry.curvature", "PrincipalCurvatures": "geometry.curvature",
     "mean_curvature": "geometry.curvature", "MeanCurvature": "geometry.curvature",
@@ -61,7 +62,7 @@ _EXPORTS = {
 _RENAMED = {"build_model": ("zoo.architectures", "build")}
 
 # subpackages reachable as attributes (``pyboundary.zoo.build``) without an explicit import
-_SUBPACKAGES = ("ops", "zoo", "subspaces", "attacks", "geometry", "scans", "experiments")
+_SUBPACKAGES = ("ops", "zoo", "subspaces", "attacks", "geometry", "scans", "experiments", "adapters")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -9,32 +9,33 @@ are clearly larger (median ~0.60 vs ~0.45 on the test split).
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from pyboundary import data, models
+from pyboundary.attacks.pgd import pgd_batch_transform
+from pyboundary.zoo.data import load_dataset
+from pyboundary.zoo.training import train as train_model
 
 
 @functools.lru_cache(maxsize=None)
 def digits(split: str = "test"):
     """The digits split as an ImageDataset (x (N, 1, 8, 8) in [0, 1])."""
-    return data.load_dataset("digits", split)
+    return load_dataset("digits", split)
 
 
 @functools.lru_cache(maxsize=None)
 def digits_mlp(seed: int = 0, robust: bool = False, hidden: int = 64) -> nn.Module:
     """A trained MLP in eval mode; do not modify it (it is shared by the tests of a process)."""
-    from pyboundary.adversarial import pgd_batch_transform
-
     train = digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    transform = pgd_batch_transform(0.1, 5, frac=1.0, norm="linf", seed=seed) if robust else None
-    models.train(net, train.x, train.y, epochs=20, batch_size=64, lr=3e-3, seed=seed,
-                 batch_transform=transform, progress=False)
+    transform = pgd_batch_transform(0.1, 5, frac=1.0, p=math.inf, seed=seed) if robust else None
+    train_model(net, train.x, train.labels, epochs=20, train_batch_size=64, lr=3e-3, seed=seed,
+                batch_transform=transform, progress=False)
     return net.eval()
 
 

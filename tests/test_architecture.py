@@ -24,7 +24,7 @@ LAYERS = {
     "zoo": 2,
     "subspaces": 3,
     "attacks": 4,
-    "geometry": 5, "scans": 5,
+    "geometry": 5, "scans": 5, "adapters": 5,
     "experiments": 6,
     "cli": 7, "__main__": 8,
     "__init__": 8,  # the facade re-exports everything (lazily)
@@ -190,5 +190,5 @@ def test_cli_has_exactly_the_documented_commands():
 
 
 def test_subpackages_import_standalone():
-    for name in ("ops", "zoo", "subspaces", "attacks", "geometry", "scans", "experiments", "cli"):
+    for name in ("ops", "zoo", "subspaces", "attacks", "geometry", "scans", "experiments", "adapters", "cli"):
         importlib.import_module(f"pyboundary.{name}")

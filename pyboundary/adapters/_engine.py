@@ -8,15 +8,15 @@ the model as a torch callable, the reference labels or the target classes, the b
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from ..deepfool import deepfool
-from ..utils import forward_logits, model_guard
+from .._utils.model import forward_logits, model_guard
+from .._utils.validation import check_int, check_number
+from ..attacks.deepfool import deepfool
 
 __all__ = ["engine_options", "adversarial_points", "ALL_CLASSES"]
 
@@ -44,19 +44,9 @@ def engine_options(*, steps, candidates, overshoot, deepfool_kwargs, engine: Cal
             the adapter sets itself (named in the message).
         ValueError: a value out of range.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {steps!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if candidates is not None:
-        if isinstance(candidates, bool) or not isinstance(candidates, int):
-            raise TypeError(f"candidates must be an int or None (all classes), got {candidates!r}")
-        if candidates < 2:
-            raise ValueError(f"candidates must be >= 2 (the reference class and one other), got {candidates}")
-    if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float)):
-        raise TypeError(f"overshoot must be a number, got {overshoot!r}")
-    if not (0 <= overshoot < 10 and math.isfinite(overshoot)):
-        raise ValueError(f"overshoot must be in [0, 10), got {overshoot!r}")
+    check_int("steps", steps, minimum=1)
+    check_int("candidates", candidates, minimum=2, allow_none=True)
+    overshoot = check_number("overshoot", overshoot, minimum=0.0, maximum=10.0, strict_maximum=True)
     extra = {} if deepfool_kwargs is None else deepfool_kwargs
     if not isinstance(extra, Mapping):
         raise TypeError(f"deepfool_kwargs must be a dict or None, got {type(extra).__name__}")
@@ -71,7 +61,7 @@ def engine_options(*, steps, candidates, overshoot, deepfool_kwargs, engine: Cal
         raise TypeError(f"deepfool_kwargs: {taken} are set by the attack itself"
                         + (f" (pass them as {named})" if named else ""))
     return dict(extra, max_iter=steps, candidates=ALL_CLASSES if candidates is None else candidates,
-                overshoot=float(overshoot))
+                overshoot=overshoot)
 
 
 def check_in_box(x: Tensor, clamp: tuple, what: str) -> None:

@@ -56,7 +56,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
         f"failed: {_exc}"
     ) from _exc
 
-from ..deepfool import deepfool
+from ..attacks.deepfool import deepfool
 from ._engine import adversarial_points, check_in_box, engine_options
 
 __all__ = ["L2DeepFoolAttack", "LinfDeepFoolAttack"]

@@ -27,7 +27,6 @@ pull torchvision and possibly another torch; neither Attack nor DeepFool imports
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 try:
@@ -38,8 +37,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
         f"--no-deps keeps your torch and skips torchvision); importing it failed: {_exc}"
     ) from _exc
 
-from ..deepfool import deepfool
-from ..utils import is_inf
+from .._utils.validation import check_p
+from ..attacks.deepfool import deepfool
 from ._engine import adversarial_points, check_in_box, engine_options
 
 __all__ = ["DeepFool"]
@@ -70,11 +69,9 @@ class DeepFool(Attack):
         super().__init__("DeepFool", model)
         self._options = engine_options(steps=steps, candidates=candidates, overshoot=overshoot,
                                        deepfool_kwargs=deepfool_kwargs, engine=deepfool)
-        if not (is_inf(p) or p in (2, 2.0)) or isinstance(p, bool):
-            raise ValueError(f"p must be 2 or inf, got {p!r}")
         self.steps = steps
         self.overshoot = overshoot
-        self.p = math.inf if is_inf(p) else 2.0
+        self.p = check_p(p)
         self.candidates = candidates
         self.deepfool_kwargs = dict(deepfool_kwargs or {})
         self.supported_mode = ["default", "targeted"]

@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -42,7 +43,14 @@ from ..zoo.data import subset_indices
 from .plots import plot_scan
 from .store import ResultStore, StoreError
 
-__all__ = ["margin_scan", "MarginScan", "prepare_scan", "scan_from_store", "scan_metadata"]
+__all__ = ["margin_scan", "MarginScan", "prepare_scan", "scan_from_store", "scan_metadata", "sample_keys",
+           "store_path", "RUN_STORE_NAME", "PANDAS_COLUMNS"]
+
+#: the result store inside a run folder written by ``pyboundary scan --out RUN``
+RUN_STORE_NAME = "scan.sqlite"
+#: columns of :meth:`MarginScan.to_pandas`, in order
+PANDAS_COLUMNS = ("sample", "subspace", "member", "margin", "raw_margin", "iterations", "converged",
+                  "adv_label", "label", "prediction", "correct", "sample_key")
 
 #: engine arguments that margin_scan sets itself (not engine options)
 _OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "p"}
@@ -69,6 +77,8 @@ class MarginScan(Result):
         grid_shape: (rows, cols) for grid families, else None.
         p: 2.0 or inf.
         meta: the metadata the scan was stored with (model, data, parameters, versions).
+        sample_keys: (n_samples,) int64 content key of each input (:func:`sample_keys`), or None
+            (scans stored before keys existed); identifies samples across scans.
     """
 
     margins: Tensor
@@ -83,6 +93,7 @@ class MarginScan(Result):
     grid_shape: tuple | None = None
     p: float = 2.0
     meta: dict = field(default_factory=dict)
+    sample_keys: Tensor | None = None
 
     @property
     def n_samples(self) -> int:
@@ -180,15 +191,21 @@ class MarginScan(Result):
             lines.append(f"(incomplete: {int(self.done.sum())} of {self.margins.numel()} pairs computed)")
         return "\n".join(lines)
 
-    def to_dataframe(self):
-        """Long-format pandas DataFrame: one row per (sample, subspace) pair (needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError:  # pragma: no cover - pandas is optional
-            raise ImportError("to_dataframe needs pandas: pip install pandas") from None
+    def to_pandas(self):
+        """The scan as a long-format pandas DataFrame: one row per (sample, subspace) pair, sample-major.
+
+        Columns (:data:`PANDAS_COLUMNS`): sample, subspace (indices), member (label), margin and
+        raw_margin (float64, input units; +inf failed, NaN not computed), iterations (-1 not
+        computed), converged, adv_label, label (nullable Int64, <NA> when unknown), prediction,
+        correct (nullable boolean), sample_key (nullable Int64). ``frame.attrs`` holds what the
+        rows do not: subspace_spec, subspace_labels, grid_shape, p, norm and the scan's meta, so
+        :meth:`from_pandas` rebuilds the scan exactly (``frame.attrs`` survives Parquet, not CSV).
+        Needs pandas.
+        """
+        pd = _pandas("to_pandas")
         n, s = self.n_samples, self.n_subspaces
         sample = np.repeat(np.arange(n), s)
-        frame = {
+        frame = pd.DataFrame({
             "sample": sample,
             "subspace": np.tile(np.arange(s), n),
             "member": np.tile(np.array(self.subspace_labels, dtype=object), n),
@@ -197,12 +214,80 @@ class MarginScan(Result):
             "iterations": self.iterations.numpy().reshape(-1),
             "converged": self.converged.numpy().reshape(-1),
             "adv_label": self.adv_labels.numpy().reshape(-1),
+            "label": _nullable(pd, None if self.labels is None else self.labels.numpy()[sample], n * s, "Int64"),
             "prediction": self.predictions.numpy()[sample],
-        }
-        if self.labels is not None:
-            frame["label"] = self.labels.numpy()[sample]
-            frame["correct"] = self.correct.numpy()[sample]
-        return pd.DataFrame(frame)
+            "correct": _nullable(pd, None if self.labels is None else self.correct.numpy()[sample], n * s, "boolean"),
+            "sample_key": _nullable(pd, None if self.sample_keys is None else self.sample_keys.numpy()[sample],
+                                    n * s, "Int64"),
+        })
+        frame.attrs.update(subspace_spec=self.subspace_spec, subspace_labels=list(self.subspace_labels),
+                           grid_shape=None if self.grid_shape is None else list(self.grid_shape),
+                           p=float(self.p), norm=self.norm_name, meta=self.meta)
+        return frame
+
+    #: the former name of :meth:`to_pandas` (same frame)
+    to_dataframe = to_pandas
+
+    @classmethod
+    def from_pandas(cls, frame, *, subspace_spec: str | None = None, p=None, grid_shape=None,
+                    meta: dict | None = None) -> "MarginScan":
+        """The scan held by a frame of :meth:`to_pandas` (e.g. read back from CSV or Parquet).
+
+        Pairs absent from the frame are "not computed" (NaN). ``subspace_spec``, ``p``,
+        ``grid_shape`` and ``meta`` default to ``frame.attrs`` (written by :meth:`to_pandas`);
+        a frame without them (CSV) needs ``subspace_spec`` and ``p``.
+        Raises ValueError for missing columns or attributes and repeated (sample, subspace) pairs.
+        """
+        attrs = dict(getattr(frame, "attrs", {}) or {})
+        spec = subspace_spec if subspace_spec is not None else attrs.get("subspace_spec")
+        p = p if p is not None else attrs.get("p")
+        if spec is None or p is None:
+            raise ValueError("from_pandas: the frame has no subspace_spec/p attributes (e.g. it was read "
+                             "from CSV); pass subspace_spec=... and p=...")
+        missing = [c for c in PANDAS_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"from_pandas: the frame lacks the columns {missing}")
+        i = frame["sample"].to_numpy(dtype=np.int64)
+        j = frame["subspace"].to_numpy(dtype=np.int64)
+        if i.size and (i.min() < 0 or j.min() < 0):
+            raise ValueError("from_pandas: sample and subspace indices must be >= 0")
+        n = int(i.max()) + 1 if i.size else 0
+        members = attrs.get("subspace_labels")
+        if members is None:  # e.g. from CSV: the member labels of the rows
+            members = dict(zip(j.tolist(), frame["member"].astype(str).tolist()))
+            if sorted(members) != list(range(len(members))):
+                raise ValueError("from_pandas: without subspace_labels attributes every subspace "
+                                 f"0..{int(j.max()) if j.size else -1} needs at least one row")
+            members = [members[k] for k in range(len(members))]
+        members = [str(m) for m in members]
+        s = len(members)
+        if j.size and int(j.max()) >= s:
+            raise ValueError(f"from_pandas: subspace index {int(j.max())} for a family of {s} members")
+        if np.unique(i * s + j).size != i.size:
+            raise ValueError("from_pandas: the frame repeats (sample, subspace) pairs")
+        margins, raw = np.full((n, s), np.nan), np.full((n, s), np.nan)
+        iters, adv = np.full((n, s), -1, dtype=np.int64), np.full((n, s), -1, dtype=np.int64)
+        conv = np.zeros((n, s), dtype=bool)
+        margins[i, j] = frame["margin"].to_numpy(dtype=np.float64)
+        raw[i, j] = frame["raw_margin"].to_numpy(dtype=np.float64)
+        iters[i, j] = frame["iterations"].to_numpy(dtype=np.int64)
+        conv[i, j] = frame["converged"].to_numpy(dtype=bool)
+        adv[i, j] = frame["adv_label"].to_numpy(dtype=np.int64)
+        per_sample = frame.drop_duplicates("sample").sort_values("sample")
+        if per_sample.shape[0] != n:
+            raise ValueError(f"from_pandas: samples 0..{n - 1} must each have at least one row")
+        preds = per_sample["prediction"].to_numpy(dtype=np.int64)
+        labels = None if per_sample["label"].isna().any() else per_sample["label"].to_numpy(dtype=np.int64)
+        keys = None if per_sample["sample_key"].isna().any() else per_sample["sample_key"].to_numpy(dtype=np.int64)
+        grid = grid_shape if grid_shape is not None else attrs.get("grid_shape")
+        return cls(
+            margins=torch.from_numpy(margins), raw_margins=torch.from_numpy(raw), iterations=torch.from_numpy(iters),
+            converged=torch.from_numpy(conv), adv_labels=torch.from_numpy(adv),
+            labels=None if labels is None else torch.from_numpy(labels), predictions=torch.from_numpy(preds),
+            subspace_spec=str(spec), subspace_labels=members, grid_shape=None if grid is None else tuple(grid),
+            p=float(p), meta=dict(meta if meta is not None else attrs.get("meta") or {}),
+            sample_keys=None if keys is None else torch.from_numpy(keys),
+        )
 
     def plot(self, path) -> list:
         """Write the figures (see :func:`pyboundary.scans.plots.plot_scan`); returns the paths written.
@@ -221,8 +306,9 @@ class MarginScan(Result):
 
     @classmethod
     def load(cls, path) -> "MarginScan":
-        """Read a scan back from a result store (missing pairs are NaN)."""
-        with ResultStore(path, mode="read") as st:
+        """Read a scan back from a result store (missing pairs are NaN): its file, or the run
+        folder ``pyboundary scan --out RUN`` wrote (see :func:`store_path`)."""
+        with ResultStore(store_path(path), mode="read") as st:
             return scan_from_store(st)
 
     def __eq__(self, other) -> bool:  # tensors compare element-wise; NaN == NaN here
@@ -243,6 +329,8 @@ class MarginScan(Result):
 def _write_scan(st: ResultStore, scan: MarginScan) -> None:
     labels = None if scan.labels is None else scan.labels.numpy()
     st.write_samples(np.arange(scan.n_samples), labels, scan.predictions.numpy())
+    if scan.sample_keys is not None:
+        st.write_sample_keys(np.arange(scan.n_samples), scan.sample_keys.numpy())
     done = scan.done.numpy()
     s, j = np.nonzero(done)
     st.write_pairs(s, j, scan.margins.numpy()[s, j], scan.raw_margins.numpy()[s, j],
@@ -275,13 +363,53 @@ def scan_from_store(st: ResultStore) -> MarginScan:
         labels = np.full(n, -1, dtype=np.int64)
         if smp["label"] is not None:
             labels[smp["sample"]] = smp["label"]
+    keys = st.read_sample_keys(n)
     return MarginScan(
         margins=torch.from_numpy(margins), raw_margins=torch.from_numpy(raw),
         iterations=torch.from_numpy(iters), converged=torch.from_numpy(conv),
         adv_labels=torch.from_numpy(adv), labels=None if labels is None else torch.from_numpy(labels),
         predictions=torch.from_numpy(preds), subspace_spec=spec, subspace_labels=members,
         grid_shape=None if grid is None else tuple(grid), p=float(meta["params"]["p"]), meta=meta,
+        sample_keys=None if keys is None else torch.from_numpy(keys),
     )
+
+
+def store_path(path) -> Path:
+    """The result store file of ``path``: the path itself, or ``path/scan.sqlite`` for a run folder.
+
+    Raises FileNotFoundError naming what was looked for when neither exists.
+    """
+    path = Path(path)
+    store = path / RUN_STORE_NAME if path.is_dir() else path
+    if not store.exists():
+        raise FileNotFoundError(f"no scan at {str(path)!r} (expected a result store file or a run folder "
+                                f"holding {RUN_STORE_NAME})")
+    return store
+
+
+def sample_keys(x: Tensor) -> np.ndarray:
+    """(N,) int64 content keys of the inputs x (N, ...): the first 8 bytes of a BLAKE2b hash of
+    each input's dtype, shape and values, so equal inputs (bit for bit) get equal keys."""
+    x = x.detach().cpu().contiguous()
+    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
+    flat = x.reshape(x.shape[0], -1).view(torch.uint8).numpy() if x.numel() else np.zeros((x.shape[0], 0), np.uint8)
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for k in range(x.shape[0]):
+        out[k] = np.frombuffer(hashlib.blake2b(head + flat[k].tobytes(), digest_size=8).digest(), dtype="<i8")[0]
+    return out
+
+
+def _pandas(what: str):
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas is optional
+        raise ImportError(f"{what} needs pandas: pip install pandas") from None
+    return pd
+
+
+def _nullable(pd, values, n: int, dtype: str):
+    """A pandas nullable column (all <NA> when values is None)."""
+    return pd.array([pd.NA] * n if values is None else values, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -483,8 +611,10 @@ def margin_scan(
         samples = torch.unique(torch.cat([b[:, 0] for b in batches])) if batches else torch.arange(0)
         preds = torch.full((x.shape[0],), -1, dtype=torch.int64)
         preds[samples] = predict(model, x[samples], batch_size=batch_size, device=dev).cpu()
+        keys = sample_keys(x)
         if st is not None:
             st.write_samples(samples.numpy(), None if y is None else y[samples].numpy(), preds[samples].numpy())
+            st.write_sample_keys(samples.numpy(), keys[samples.numpy()])
             batches = _drop_done(batches, family.n_members, st)
         acc = _Accumulator(x.shape[0], family.n_members)
         fast = _channels_last_copy(model, x, dev, channels_last)
@@ -492,7 +622,7 @@ def margin_scan(
         _run_pairs(engine_model, x, family, batches, params, dev, st, acc, progress, layout)
         if st is not None:
             return scan_from_store(st)
-        return acc.to_scan(y, preds, family, params["p"], meta)
+        return acc.to_scan(y, preds, family, params["p"], meta, keys)
     finally:
         if opened:
             st.close()
@@ -555,10 +685,10 @@ class _Accumulator:
         self.conv[si, sj] = res.converged.detach().cpu().bool()
         self.adv[si, sj] = res.adv_label.detach().cpu().long()
 
-    def to_scan(self, y, preds, family, p, meta) -> MarginScan:
+    def to_scan(self, y, preds, family, p, meta, keys) -> MarginScan:
         return MarginScan(self.margins, self.raw, self.iters, self.conv, self.adv, y, preds,
                           family.spec_or_name(), list(family.member_labels()),
-                          family.grid_shape, p, meta)
+                          family.grid_shape, p, meta, torch.from_numpy(keys))
 
 
 def _channels_last_copy(model, x: Tensor, dev, wanted: bool | None):

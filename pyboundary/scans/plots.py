@@ -7,6 +7,9 @@
   as a 2-D map over (vertical, horizontal) frequency.
 * :func:`plot_histograms` - distributions of log margins for a few subspaces (low, middle, high).
 * :func:`plot_scan` - all that apply, into a folder.
+* :func:`plot_comparison` - several runs (a :class:`~pyboundary.scans.comparison.ScanComparison`):
+  median margins with their 5-95 % bands overlaid, and the differences to the first run with
+  their bootstrap confidence intervals.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from .._utils.plotting import pyplot, save_figure
 
-__all__ = ["plot_scan", "plot_margins", "plot_heatmap", "plot_histograms"]
+__all__ = ["plot_scan", "plot_margins", "plot_heatmap", "plot_histograms", "plot_comparison"]
 
 _COLORS = {"all": "#1f4e79", "correct": "#2a7f3f", "wrong": "#c0392b"}
 
@@ -47,6 +50,10 @@ def _xticks(ax, labels) -> None:
     ax.set_xticks(ticks)
     ax.set_xticklabels([labels[t] for t in ticks], rotation=45 if s > 6 else 0, ha="right" if s > 6 else "center",
                        fontsize=8)
+
+
+def _subspace_axis(spec: str) -> str:
+    return "subspace (DCT block origin; low → high frequency)" if spec.startswith("dct") else "subspace index"
 
 
 def plot_margins(scan, path) -> Path:
@@ -79,8 +86,7 @@ def plot_margins(scan, path) -> Path:
         ax.set_yscale("log")
     ax.set_xlim(-0.6, s - 0.4)
     _xticks(ax, list(scan.subspace_labels))
-    ax.set_xlabel("subspace (DCT block origin; low → high frequency)" if scan.subspace_spec.startswith("dct")
-                  else "subspace index")
+    ax.set_xlabel(_subspace_axis(scan.subspace_spec))
     ax.set_ylabel(f"margin {_norm_name(scan)} (input units)")
     failed = int((~good & scan.done.numpy()).sum())
     ax.set_title(_title(scan, "Distance to the decision boundary inside each subspace"), fontsize=10)
@@ -175,3 +181,38 @@ def plot_scan(scan, path) -> list:
     if scan.grid_shape is not None:
         out.append(plot_heatmap(scan, path / "heatmap.png"))
     return out
+
+
+def plot_comparison(comp, path) -> Path:
+    """Median margin per subspace of every run (lines, log y) with its 5-95 % band, and below it
+    the difference of each run's median to the first run's with its bootstrap CI. Returns path."""
+    plt = pyplot()
+    s, r = comp.n_subspaces, comp.n_runs
+    x = np.arange(s)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 0.32 * s + 3), 6.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    colors = plt.get_cmap("tab10")
+    for k in range(r):
+        c = colors(k % 10)
+        top.plot(x, comp.median[k], color=c, lw=2, marker="o", ms=3.5,
+                 label=f"{comp.names[k]} ({comp.norms[k]}, n = {int(comp.n_samples[k])})")
+        top.fill_between(x, comp.p5[k], comp.p95[k], color=c, alpha=0.15, lw=0)
+    if np.isfinite(comp.p5).any() and np.nanmin(comp.p5) > 0:
+        top.set_yscale("log")
+    top.set_ylabel("median margin (input units)\nband: 5-95 % of samples")
+    top.grid(True, which="major", alpha=0.3)
+    top.legend(fontsize=8, loc="best", framealpha=0.85)
+    top.set_title(f"Margins per subspace, {comp.subspace_spec}", fontsize=10)
+    width = 0.6 / max(1, r - 1)
+    for k in range(1, r):
+        off = (k - 1 - (r - 2) / 2) * width
+        d, lo, hi = comp.difference[k - 1], comp.ci_low[k - 1], comp.ci_high[k - 1]
+        bottom.errorbar(x + off, d, yerr=[d - lo, hi - d], fmt="o", ms=3.5, color=colors(k % 10), capsize=2,
+                        label=f"{comp.names[k]} - {comp.names[0]}")
+    bottom.axhline(0.0, color="0.3", lw=0.8)
+    bottom.set_ylabel(f"difference of medians\n({100 * comp.confidence:g} % bootstrap CI)")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=8, loc="best", framealpha=0.85)
+    _xticks(bottom, list(comp.subspace_labels))
+    bottom.set_xlabel(_subspace_axis(comp.subspace_spec))
+    return save_figure(fig, path)

@@ -8,6 +8,9 @@ A :class:`ResultStore` is one SQLite file holding
 * ``samples``: one row per input sample (label, prediction);
 * ``margins``: one row per finished (sample, subspace) pair; the row *is* the "done" mark, and
   its primary key (sample, subspace) makes a duplicate impossible;
+* the generic table ``sample_keys`` (:meth:`ResultStore.write_sample_keys`): one 64-bit content
+  key per sample, so that scans of different sample sets can be matched sample by sample
+  (stores written before it existed simply lack it);
 * any number of generic named tables (:meth:`ResultStore.create_table`,
   :meth:`ResultStore.write_rows`, :meth:`ResultStore.read_table`) for other pipelines, e.g. the
   margin-dynamics tracker's (epoch, sample, margin) rows; arrays are stored as typed columns.
@@ -42,6 +45,8 @@ __all__ = ["ResultStore", "StoreError", "SCHEMA_VERSION", "STORE_KIND", "library
 
 SCHEMA_VERSION = 1
 STORE_KIND = "pyboundary-result-store"
+#: generic table holding one content key per sample (written by margin scans)
+SAMPLE_KEYS_TABLE = "sample_keys"
 
 #: metadata keys that may differ on resume (they record, they do not define, the results)
 VOLATILE_KEYS = frozenset({"versions", "created", "store_kind", "schema_version", "command"})
@@ -336,7 +341,8 @@ class ResultStore:
         return out
 
     def merge_from(self, other_path) -> int:
-        """Copy the samples and pairs of another store (same metadata) into this one, in one transaction.
+        """Copy the samples, pairs and sample keys of another store (same metadata) into this one,
+        in one transaction.
 
         Pairs already here are kept (the other store's copy of a pair is ignored). Returns the
         number of pairs added. Refuses a store made with different settings.
@@ -346,17 +352,53 @@ class ResultStore:
             stored, mine = other.meta, self.meta
             keys = (set(stored) | set(mine)) - VOLATILE_KEYS
             differing = sorted(k for k in keys if stored.get(k) != mine.get(k))
+            with_keys = SAMPLE_KEYS_TABLE in other.table_names()
         if differing:
             raise StoreError(f"cannot merge {str(other_path)!r}: different settings (keys: {', '.join(differing)})")
+        if with_keys:
+            self._create_sample_keys()
         before = self.count_pairs()
         self._conn.execute("ATTACH DATABASE ? AS part", (str(other_path),))
         try:
             with self._transaction() as c:
                 c.execute("INSERT OR IGNORE INTO main.samples SELECT * FROM part.samples")
                 c.execute("INSERT OR IGNORE INTO main.margins SELECT * FROM part.margins")
+                if with_keys:
+                    c.execute(f"INSERT OR IGNORE INTO main.t_{SAMPLE_KEYS_TABLE} SELECT * FROM part.t_{SAMPLE_KEYS_TABLE}")
         finally:
             self._conn.execute("DETACH DATABASE part")
         return self.count_pairs() - before
+
+    # ------------------------------------------------------------------ per-sample keys
+    def _create_sample_keys(self) -> None:
+        self.create_table(SAMPLE_KEYS_TABLE, {"sample": "INTEGER", "key": "INTEGER"}, ["sample"])
+
+    def write_sample_keys(self, sample, key) -> None:
+        """Record each sample's 64-bit content key (one transaction; keys already stored are kept).
+
+        Args:
+            sample: (n,) int sample indices; key: (n,) int64 keys (see
+                :func:`pyboundary.scans.margins.sample_keys`).
+        """
+        self._require_writable()
+        sample = np.asarray(sample, dtype=np.int64).reshape(-1)
+        key = np.asarray(key, dtype=np.int64).reshape(-1)
+        if sample.size != key.size:
+            raise ValueError(f"write_sample_keys: sample and key lengths differ: {sample.size}, {key.size}")
+        self._create_sample_keys()
+        with self._transaction() as c:
+            c.executemany(f"INSERT OR IGNORE INTO t_{SAMPLE_KEYS_TABLE} (sample, key) VALUES (?, ?)",
+                          list(zip(sample.tolist(), key.tolist())))
+
+    def read_sample_keys(self, n: int) -> np.ndarray | None:
+        """(n,) int64 keys of samples 0..n-1, or None when the store lacks a key for any of them."""
+        if SAMPLE_KEYS_TABLE not in self.table_names():
+            return None
+        rows = self._fetch(f"SELECT sample, key FROM t_{SAMPLE_KEYS_TABLE} WHERE sample >= 0 AND sample < ? "
+                           "ORDER BY sample", (int(n),))
+        if len(rows) != n:
+            return None
+        return np.array([k for _, k in rows], dtype=np.int64)
 
     # ------------------------------------------------------------------ generic tables
     def create_table(self, name: str, columns: Mapping[str, str], primary_key: Iterable[str]) -> None:

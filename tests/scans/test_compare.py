@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyboundary as pb
-from pyboundary.compare import ScanComparison, compare
+from pyboundary.scans.comparison import ScanComparison, compare
 from digits_models import digits, digits_mlp, one_thread_module  # noqa: F401
 
 FAMILY = "dct:K=4,T=1"  # 5 diagonal 4x4 DCT blocks of the 8x8 digits
@@ -42,7 +42,7 @@ def test_two_models_table_and_significant_difference(scans):
     assert comp.median.shape == (2, 5) and comp.difference.shape == (1, 5)
     # the table's statistics are the scans' own summaries
     for r, scan in enumerate((a, b)):
-        rows = [row for row in scan.summary() if row["group"] == "all"]
+        rows = [row for row in scan.subspace_stats() if row["group"] == "all"]
         np.testing.assert_allclose(comp.median[r], [row["median"] for row in rows], rtol=1e-12)
         np.testing.assert_allclose(comp.p5[r], [row["p5"] for row in rows], rtol=1e-12)
         np.testing.assert_allclose(comp.p95[r], [row["p95"] for row in rows], rtol=1e-12)

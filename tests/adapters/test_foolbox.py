@@ -25,7 +25,7 @@ def setup():
     """A digits MLP behind foolbox's preprocessing (the net sees (x - MEAN) / STD), 64 test images."""
     net = digits_mlp(seed=0)
     ds = digits("test")
-    x, y = ds.x[:64], ds.y[:64]
+    x, y = ds.x[:64], ds.labels[:64]
 
     class Normalised(torch.nn.Module):  # what the foolbox model computes, as a plain torch model
         def forward(self, t):
@@ -136,7 +136,7 @@ def test_eagerpy_in_eagerpy_out_and_misclassified_unchanged(setup):
 def test_bounds_through_the_box():
     """A model with bounds (0, 255): the clamp is the model's bounds, the search runs in them."""
     net = digits_mlp(seed=0)
-    x, y = digits("test").x[:32] * 255, digits("test").y[:32]
+    x, y = digits("test").x[:32] * 255, digits("test").labels[:32]
     fmodel = fb.PyTorchModel(net, bounds=(0, 255), preprocessing=dict(mean=0.0, std=255.0))
     raw, clipped, success = pbfb.LinfDeepFoolAttack()(fmodel, x, y, epsilons=[None, 255 * 0.05])
     assert float(raw[0].min()) >= 0 and float(raw[0].max()) <= 255

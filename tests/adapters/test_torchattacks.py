@@ -22,7 +22,7 @@ from digits_models import digits, digits_mlp, one_thread_module  # noqa: E402,F4
 def setup():
     net = digits_mlp(seed=0)
     ds = digits("test")
-    return net, ds.x[:48], ds.y[:48]
+    return net, ds.x[:48], ds.labels[:48]
 
 
 def test_is_a_torchattacks_attack_with_its_conventions(setup):

@@ -34,6 +34,11 @@ from typing import Sequence
 
 import numpy as np
 
+from .._utils.results import Result
+from .._utils.validation import check_choice, check_int, check_number
+from .margins import MarginScan
+from .plots import plot_comparison
+
 __all__ = ["compare", "ScanComparison", "SAMPLE_MODES"]
 
 SAMPLE_MODES = ("same", "common", "independent")
@@ -42,7 +47,7 @@ _CHUNK_VALUES = 4_000_000
 
 
 @dataclass
-class ScanComparison:
+class ScanComparison(Result):
     """Result of :func:`compare`: R runs over one family of S subspaces.
 
     Attributes:
@@ -141,18 +146,11 @@ class ScanComparison:
                 lines.append(line)
         return "\n".join(lines)
 
-    def to_numpy(self) -> dict:
-        """All fields, arrays as numpy arrays."""
-        return {f.name: (np.asarray(getattr(self, f.name)) if isinstance(getattr(self, f.name), np.ndarray)
-                         else getattr(self, f.name)) for f in fields(self)}
-
     def to_pandas(self):
         """The summary rows as a pandas DataFrame (one row per (subspace, run); needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError:  # pragma: no cover - pandas is optional
-            raise ImportError("to_pandas needs pandas: pip install pandas") from None
-        return pd.DataFrame(self.summary()["rows"])
+        from .margins import _pandas
+
+        return _pandas("to_pandas").DataFrame(self.summary()["rows"])
 
     def save(self, path) -> None:
         """Write the comparison as JSON (refuses an existing file; NaN and inf kept)."""
@@ -179,7 +177,7 @@ class ScanComparison:
         return cls(**kwargs)
 
     def plot(self, path) -> Path:
-        """Write the figure (see :func:`plot_comparison`); returns its path."""
+        """Write the figure (see :func:`pyboundary.scans.plots.plot_comparison`); returns its path."""
         return plot_comparison(self, path)
 
 
@@ -194,7 +192,8 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
 
     Args:
         scans: two or more :class:`~pyboundary.margins.MarginScan` objects or paths of stored
-            scans (a run folder written by ``pyboundary scan``, or its ``scan.sqlite``).
+            scans (a run folder written by ``pyboundary scan``, or its ``scan.sqlite``;
+            see :meth:`~pyboundary.scans.margins.MarginScan.load`).
         names: one display name per scan (default: the model name stored with each scan, with
             the source added where names repeat).
         samples: 'same', 'common' or 'independent'.
@@ -212,12 +211,11 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
         raise TypeError(f"scans must be a sequence of MarginScan objects or paths, got {type(scans).__name__}")
     if len(scans) < 2:
         raise ValueError(f"compare needs at least two scans, got {len(scans)}")
-    if samples not in SAMPLE_MODES:
-        raise ValueError(f"samples must be one of {SAMPLE_MODES}, got {samples!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
-        raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}")
-    if not (isinstance(confidence, float) and 0 < confidence < 1):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+    check_choice("samples", samples, SAMPLE_MODES)
+    check_int("n_boot", n_boot, minimum=100)
+    confidence = check_number("confidence", confidence, minimum=0.0, maximum=1.0, strict_minimum=True,
+                              strict_maximum=True)
+    seed = check_int("seed", seed)
     loaded, sources = zip(*(_as_scan(s, k) for k, s in enumerate(scans)))
     labels = _run_names(loaded, sources, names)
     _check_complete(loaded, labels)
@@ -234,15 +232,13 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
         norms=[s.norm_name for s in loaded], samples=samples,
         n_samples=np.array([m.shape[0] for m in margins], dtype=np.int64), ratio=ratio,
         difference=stats["median"][1:] - stats["median"][:1], ci_low=lo, ci_high=hi,
-        confidence=float(confidence), n_boot=n_boot, seed=int(seed), sources=list(sources),
+        confidence=confidence, n_boot=n_boot, seed=seed, sources=list(sources),
         median=stats["median"], p5=stats["p5"], p95=stats["p95"], n_converged=stats["n_converged"],
     )
 
 
 def _as_scan(scan, k: int):
     """(MarginScan, source string)."""
-    from .margins import MarginScan
-
     if isinstance(scan, MarginScan):
         return scan, ""
     if isinstance(scan, (str, Path)):
@@ -378,50 +374,3 @@ def _bootstrap(margins: list, *, paired: bool, n_boot: int, confidence: float, s
         lo = np.nanpercentile(diffs, 100 * alpha, axis=1)
         hi = np.nanpercentile(diffs, 100 * (1 - alpha), axis=1)
     return lo, hi
-
-
-# ---------------------------------------------------------------------------------- figure
-def plot_comparison(comp: ScanComparison, path) -> Path:
-    """Median margin per subspace of every run (lines, log y) with its 5-95 % band, and below it
-    the difference of each run's median to the first run's with its bootstrap CI. Returns path."""
-    from .plot import _pyplot
-
-    plt = _pyplot()
-    s, r = comp.n_subspaces, comp.n_runs
-    x = np.arange(s)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 0.32 * s + 3), 6.4), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
-    colors = plt.get_cmap("tab10")
-    for k in range(r):
-        c = colors(k % 10)
-        top.plot(x, comp.median[k], color=c, lw=2, marker="o", ms=3.5,
-                 label=f"{comp.names[k]} ({comp.norms[k]}, n = {int(comp.n_samples[k])})")
-        top.fill_between(x, comp.p5[k], comp.p95[k], color=c, alpha=0.15, lw=0)
-    if np.isfinite(comp.p5).any() and np.nanmin(comp.p5) > 0:
-        top.set_yscale("log")
-    top.set_ylabel("median margin (input units)\nband: 5-95 % of samples")
-    top.grid(True, which="major", alpha=0.3)
-    top.legend(fontsize=8, loc="best", framealpha=0.85)
-    top.set_title(f"Margins per subspace, {comp.subspace_spec}", fontsize=10)
-    width = 0.6 / max(1, r - 1)
-    for k in range(1, r):
-        off = (k - 1 - (r - 2) / 2) * width
-        d, lo, hi = comp.difference[k - 1], comp.ci_low[k - 1], comp.ci_high[k - 1]
-        bottom.errorbar(x + off, d, yerr=[d - lo, hi - d], fmt="o", ms=3.5, color=colors(k % 10), capsize=2,
-                        label=f"{comp.names[k]} - {comp.names[0]}")
-    bottom.axhline(0.0, color="0.3", lw=0.8)
-    bottom.set_ylabel(f"difference of medians\n({100 * comp.confidence:g} % bootstrap CI)")
-    bottom.grid(True, alpha=0.3)
-    bottom.legend(fontsize=8, loc="best", framealpha=0.85)
-    step = max(1, int(math.ceil(s / 12)))
-    bottom.set_xticks(list(range(0, s, step)))
-    bottom.set_xticklabels([comp.subspace_labels[t] for t in range(0, s, step)], fontsize=8,
-                           rotation=45 if s > 6 else 0, ha="right" if s > 6 else "center")
-    bottom.set_xlabel("subspace (DCT block origin; low → high frequency)" if comp.subspace_spec.startswith("dct")
-                      else "subspace index")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
