@@ -2,6 +2,7 @@
 
     pyboundary demo                      reference CNN on Fashion-MNIST, DCT diagonal scan
     pyboundary scan | show               margin scans over a dataset and a subspace family
+    pyboundary compare                   stored scans side by side (table, plot, bootstrap CIs)
     pyboundary detect | curvature | topology   boundary geometry of a model on a dataset
     pyboundary track                     margins while a network trains
 
@@ -14,15 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dynamics, geometry, scan
+from . import compare, dynamics, geometry, scan
 from .args import UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: command group modules, in --help order; each adds its subcommands with register(subparsers)
-_GROUPS = (scan, geometry, dynamics)
+_GROUPS = (scan, compare, geometry, dynamics)
 #: every command of the CLI (tests assert this exact set)
-COMMANDS = ("demo", "scan", "show", "detect", "curvature", "topology", "track")
+COMMANDS = ("demo", "scan", "show", "compare", "detect", "curvature", "topology", "track")
 
 
 def build_parser() -> argparse.ArgumentParser:

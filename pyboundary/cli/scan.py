@@ -23,6 +23,8 @@ from .args import (
 
 __all__ = ["STORE_NAME", "register"]
 
+#: pyboundary.scans.margins.RUN_STORE_NAME, spelled out so that the command line starts without
+#: importing torch (tests/cli/test_cli_compare.py checks that the two agree)
 STORE_NAME = "scan.sqlite"
 
 
@@ -51,9 +53,16 @@ def register(sub) -> None:
     scan.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
     scan.set_defaults(func=cmd_scan)
 
-    show = sub.add_parser("show", help="summary table and plots of a stored scan")
+    show = sub.add_parser("show", help="summary table and plots of a stored scan; export it as CSV/Parquet",
+                          description="Print the summary table of a stored scan and write its plots next to "
+                                      "it; --csv / --parquet export every (sample, subspace) pair in long "
+                                      "format (MarginScan.to_pandas).")
     show.add_argument("run", help="scan folder (or its scan.sqlite)")
     show.add_argument("--no-plot", action="store_true", help="print the table only")
+    show.add_argument("--csv", metavar="FILE", default=None,
+                      help="write one row per (sample, subspace) pair to FILE (CSV; needs pandas)")
+    show.add_argument("--parquet", metavar="FILE", default=None,
+                      help="the same rows as Parquet, with the scan's attributes (needs pandas and pyarrow)")
     show.set_defaults(func=cmd_show)
 
 
@@ -141,15 +150,36 @@ def cmd_demo(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from ..scans.margins import MarginScan
+    from ..scans.margins import MarginScan, store_path
 
-    path = Path(args.run)
-    store = path / STORE_NAME if path.is_dir() else path
-    if not store.exists():
-        raise UsageError(f"no scan at {args.run!r} (expected {str(store)!r})")
+    exports = [(flag, Path(f)) for flag, f in (("--csv", args.csv), ("--parquet", args.parquet)) if f]
+    for flag, f in exports:
+        if f.exists():
+            raise UsageError(f"{flag} {str(f)!r} exists; refusing to overwrite it")
+    if args.parquet:
+        _require_pyarrow()
+    store = store_path(args.run)
     scan = MarginScan.load(store)
     print(scan.format_summary())
+    written = []
+    if exports:
+        frame = scan.to_pandas()
+        for flag, f in exports:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            if flag == "--csv":
+                frame.to_csv(f, index=False)
+            else:
+                frame.to_parquet(f, index=False)
+            written.append(f)
     if not args.no_plot:
-        paths = scan.plot(store.parent)
-        print("wrote " + ", ".join(str(p) for p in paths))
+        written += scan.plot(store.parent)
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UsageError("--parquet needs pyarrow (pip install pyarrow); --csv needs only pandas") from None

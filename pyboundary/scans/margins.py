@@ -276,9 +276,10 @@ class MarginScan(Result):
         per_sample = frame.drop_duplicates("sample").sort_values("sample")
         if per_sample.shape[0] != n:
             raise ValueError(f"from_pandas: samples 0..{n - 1} must each have at least one row")
-        preds = per_sample["prediction"].to_numpy(dtype=np.int64)
-        labels = None if per_sample["label"].isna().any() else per_sample["label"].to_numpy(dtype=np.int64)
-        keys = None if per_sample["sample_key"].isna().any() else per_sample["sample_key"].to_numpy(dtype=np.int64)
+        preds = per_sample["prediction"].to_numpy(dtype=np.int64, copy=True)
+        labels = None if per_sample["label"].isna().any() else per_sample["label"].to_numpy(dtype=np.int64, copy=True)
+        keys = (None if per_sample["sample_key"].isna().any()
+                else per_sample["sample_key"].to_numpy(dtype=np.int64, copy=True))
         grid = grid_shape if grid_shape is not None else attrs.get("grid_shape")
         return cls(
             margins=torch.from_numpy(margins), raw_margins=torch.from_numpy(raw), iterations=torch.from_numpy(iters),

@@ -133,3 +133,24 @@ def test_protocol_save_load_pandas_plot(scans, tmp_path):
         comp.save(tmp_path / "c.json")
     png = comp.plot(tmp_path / "compare.png")
     assert png.stat().st_size > 10_000
+
+
+def test_common_samples(scans):
+    s1, s2 = scans["subset1"], scans["subset2"]
+    k1, k2 = s1.sample_keys.numpy(), s2.sample_keys.numpy()
+    shared = sorted(set(k1.tolist()) & set(k2.tolist()))
+    assert 50 < len(shared) < 150
+    comp = compare([s1, s2], samples="common", n_boot=200)
+    assert comp.n_samples.tolist() == [len(shared)] * 2 and comp.samples == "common"
+    # the same model on the same images: the same margins (to float noise of other batch mates)
+    np.testing.assert_allclose(comp.median[1], comp.median[0], rtol=1e-6)
+    assert bool((np.abs(comp.ci_high - comp.ci_low) < 1e-5 * comp.median[0]).all())
+    # the rows compared are the shared images, in the first run's order
+    pos1 = [int(np.flatnonzero(k1 == k)[0]) for k in k1 if k in set(shared)]
+    np.testing.assert_allclose(comp.median[0], np.median(s1.margins.numpy()[pos1], axis=0), rtol=1e-12)
+    no_keys = pb.MarginScan(**{**s2.__dict__, "sample_keys": None})
+    with pytest.raises(ValueError, match=r"needs per-sample keys, which runs \['mlp standard \(#1\)'\] do not have"):
+        compare([s1, no_keys], samples="common")
+    far = pb.MarginScan(**{**s2.__dict__, "sample_keys": s2.sample_keys + 1})
+    with pytest.raises(ValueError, match="0 sample"):
+        compare([s1, far], samples="common")
