@@ -17,7 +17,7 @@ Which samples are compared (``samples``):
   set); each run is resampled on its own (an unpaired comparison).
 
 Statistics are over the converged margins of each (run, subspace) (failed pairs are counted in
-``n_converged`` and left out, as in :meth:`pyboundary.margins.MarginScan.summary`). Scans over
+``n_converged`` and left out, as in :meth:`pyboundary.scans.margins.MarginScan.subspace_stats`). Scans over
 different subspace families or image shapes, incomplete scans, and (for ``'same'``) scans of
 different samples are refused with a message naming what differs. Scans of different norms are
 allowed (their table rows say which norm); their differences mix units, their ratios do not.
@@ -191,7 +191,7 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
     """Compare margin scans of the same subspace family (see the module docstring).
 
     Args:
-        scans: two or more :class:`~pyboundary.margins.MarginScan` objects or paths of stored
+        scans: two or more :class:`~pyboundary.scans.margins.MarginScan` objects or paths of stored
             scans (a run folder written by ``pyboundary scan``, or its ``scan.sqlite``;
             see :meth:`~pyboundary.scans.margins.MarginScan.load`).
         names: one display name per scan (default: the model name stored with each scan, with
@@ -223,8 +223,7 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
     rows = _sample_rows(loaded, labels, samples)
     margins = [_converged_margins(scan, idx) for scan, idx in zip(loaded, rows)]
     stats = _statistics(margins)
-    lo, hi = _bootstrap(margins, paired=samples != "independent", n_boot=n_boot,
-                              confidence=confidence, seed=seed)
+    lo, hi = _bootstrap(margins, paired=samples != "independent", n_boot=n_boot, confidence=confidence, seed=seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = stats["median"] / stats["median"][:1]
     return ScanComparison(
