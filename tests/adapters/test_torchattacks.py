@@ -51,9 +51,10 @@ def test_equals_pyboundary_deepfool_and_close_to_torchattacks(setup):
     # the same algorithm as torchattacks' DeepFool (all classes, iterates clipped to [0, 1]): under
     # the box both creep onto the boundary (~5 steps here), so the points nearly coincide
     # (on a copy: torchattacks' DeepFool calls backward(), which fills the parameters' .grad)
-    theirs = torchattacks.DeepFool(copy.deepcopy(net), steps=50, overshoot=0.02)(x, y)
-    ok = net(x).argmax(1) == y
-    ratio = (adv - x).flatten(1).norm(dim=1)[ok] / (theirs - x).flatten(1).norm(dim=1)[ok]
+    k = 16  # torchattacks' DeepFool runs one image and one class at a time: keep it short
+    theirs = torchattacks.DeepFool(copy.deepcopy(net), steps=50, overshoot=0.02)(x[:k], y[:k])
+    ok = net(x[:k]).argmax(1) == y[:k]
+    ratio = (adv[:k] - x[:k]).flatten(1).norm(dim=1)[ok] / (theirs - x[:k]).flatten(1).norm(dim=1)[ok]
     assert abs(float(ratio.median()) - 1) < 0.01 and float(ratio.max()) < 1.05
     # options reach the engine: p = inf, candidates, deepfool_kwargs
     adv = DeepFool(net, p="inf", candidates=3, deepfool_kwargs={"refine": False})(x, y)
