@@ -61,6 +61,7 @@ def test_two_processes_equal_one(tmp_path, tiny, capsys):
     # same pairs, labels, predictions, iterations; margins equal up to float32 batch rounding
     assert torch.equal(a.predictions, b.predictions) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.iterations, b.iterations) and torch.equal(a.adv_labels, b.adv_labels)
+    assert a.sample_keys is not None and torch.equal(a.sample_keys, b.sample_keys)  # merged from the parts
     torch.testing.assert_close(a.margins, b.margins, rtol=3e-5, atol=0)  # thread counts differ
     meta_a = {k: v for k, v in a.meta.items() if k != "versions"}
     meta_b = {k: v for k, v in b.meta.items() if k != "versions"}
