@@ -12,7 +12,7 @@ VPIP := $(VPY) -m pip
 TORCH_PIN ?= torch==2.13.0
 PIP_QUIET ?= -q
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 
 .PHONY: test test-slow demo bench setup data cuda-check cmake-check ci clean-build
 

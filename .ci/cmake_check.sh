@@ -25,5 +25,6 @@ assert torch.allclose(x, y, atol=1e-12)
 r = torch.tensor([0, 4])
 c = torch.ops.pyboundary.dct_block_analysis(x, r, r, 4, 4)
 assert c.shape == (2, 3, 4, 4)
+assert torch.ops.pyboundary._select_constants() == (1e-4, 1e-3)
 print("cmake-check: OK (library loads, ops registered and correct)")
 PY

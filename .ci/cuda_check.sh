@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA compile check (no GPU needed): build the ops library with its CUDA kernels against a CUDA
 # build of torch in a second venv outside the repository, load it and check that the CUDA
-# kernels are registered. Fails when any .cu (or the CUDA registration) does not compile/link.
+# kernels are registered. Fails when any .cu (each registers its own ops for the CUDA dispatch
+# key) does not compile or link.
 # Recipe: ../shared ENVIRONMENT.md facts, repeated here so the repo stands alone:
 #   torch==2.14.1 (CUDA 13.0 wheels), nvcc from /usr/local/cuda, CPATH to the wheel's cu13
 #   headers (cusparse.h), TORCH_CUDA_ARCH_LIST (no GPU to detect).

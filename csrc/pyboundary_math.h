@@ -18,7 +18,10 @@
 namespace pyboundary {
 namespace math {
 
-// Absolute floor of the DeepFool push, in logit units (reference._SELECT_ABS_PUSH).
+// deepfool_select's default relative push past the linearised boundary (the schema default of
+// `eps`) and the absolute floor of the push in logit units. The Python side reads both through
+// torch.ops.pyboundary._select_constants(); a test checks every copy against it.
+constexpr double kSelectDefaultEps = 1e-4;
 constexpr double kSelectAbsPush = 1e-3;
 constexpr double kPi = 3.14159265358979323846264338327950288;
 
@@ -34,8 +37,21 @@ PYB_HD double dct_coef(int64_t n, int64_t k, int64_t i) {
   return a * cos(angle);
 }
 
+// ---- block ops ------------------------------------------------------------------------
+// Whether a block of k frequencies starting at origin o lies inside a dimension of `size`
+// (checked on the host for CPU inputs and inside the kernels for CUDA inputs).
+PYB_HD bool block_origin_ok(int64_t o, int64_t k, int64_t size) { return o >= 0 && o <= size - k; }
+
 // ---- deepfool_select -------------------------------------------------------------------
 // p is encoded as a flag: p_inf = false -> p = 2 (dual norm q = 2), true -> p = inf (q = 1).
+//
+// Accumulation: the norm statistics, distances, push and step scale are computed in double for
+// float32 and float64 inputs on every device (a float32 sum of thousands of squares is off by
+// ~1e-6 relative, enough to flip a near-tie between candidates differently on CPU and CUDA,
+// whose summation orders differ). Only the step entries are computed in the input type:
+// select_step<scalar_t>(scale rounded once to scalar_t, g).
+template <typename scalar_t>
+using select_acc_t = double;
 
 // Contribution of one gradient entry g to the accumulated norm statistic:
 // p = 2: g^2 (the squared 2-norm is accumulated), p = inf: |g| (the 1-norm).
@@ -71,11 +87,12 @@ PYB_HD acc_t select_scale(acc_t push, acc_t denom) {
   return denom == acc_t(0) ? acc_t(0) : push / denom;
 }
 
-// One entry of the step: scale * g (p = 2) or scale * sign(g) (p = inf).
-template <typename acc_t>
-PYB_HD acc_t select_step(acc_t scale, acc_t g, bool p_inf) {
+// One entry of the step in the input type: scale * g (p = 2) or scale * sign(g) (p = inf),
+// with scale already rounded to scalar_t (one rounding, the same on every device).
+template <typename scalar_t>
+PYB_HD scalar_t select_step(scalar_t scale, scalar_t g, bool p_inf) {
   if (!p_inf) return scale * g;
-  return g > acc_t(0) ? scale : (g < acc_t(0) ? -scale : acc_t(0));
+  return g > scalar_t(0) ? scale : (g < scalar_t(0) ? -scale : scalar_t(0));
 }
 
 // Strictly-smaller comparison used for the argmin (first minimum wins, like torch.min on CPU).

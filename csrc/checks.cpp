@@ -1,14 +1,11 @@
-#include "common.h"
+#include "checks.h"
 
 #include "pyboundary_math.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <map>
-#include <mutex>
 #include <string>
 
 namespace pyboundary {
@@ -45,17 +42,21 @@ void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t d
                     " dimensions ", shape, ", got shape ", t.sizes());
 }
 
-void check_origins(const char* op, int64_t n, const at::Tensor& row0, const at::Tensor& col0,
-                   const c10::Device& device, int64_t kh, int64_t kw, int64_t H, int64_t W) {
-  struct Axis {
-    const char* name;
-    const at::Tensor& t;
-    const char* kname;
-    int64_t k;
-    int64_t size;
-  };
-  const Axis axes[2] = {{"row0", row0, "kh", kh, H}, {"col0", col0, "kw", kw, W}};
-  for (const Axis& a : axes) {
+namespace {
+struct OriginAxis {
+  const char* name;
+  const at::Tensor& t;
+  const char* kname;
+  int64_t k;
+  int64_t size;
+};
+}  // namespace
+
+void check_origin_tensors(const char* op, int64_t n, const at::Tensor& row0,
+                          const at::Tensor& col0, const c10::Device& device, int64_t kh,
+                          int64_t kw, int64_t H, int64_t W) {
+  const OriginAxis axes[2] = {{"row0", row0, "kh", kh, H}, {"col0", col0, "kw", kw, W}};
+  for (const OriginAxis& a : axes) {
     TORCH_CHECK_TYPE(a.t.defined(), op, ": ", a.name, " must be a defined tensor");
     TORCH_CHECK_TYPE(a.t.scalar_type() == at::kLong, op, ": ", a.name, " must be int64, got ",
                      dtype_name(a.t.scalar_type()));
@@ -65,18 +66,33 @@ void check_origins(const char* op, int64_t n, const at::Tensor& row0, const at::
                       " but the data is on ", device);
     TORCH_CHECK_VALUE(a.k >= 1 && a.k <= a.size, op, ": block size ", a.kname, "=", a.k,
                       " must be in [1, ", a.size, "]");
+  }
+}
+
+void check_origin_values_cpu(const char* op, const at::Tensor& row0, const at::Tensor& col0,
+                             int64_t kh, int64_t kw, int64_t H, int64_t W) {
+  const OriginAxis axes[2] = {{"row0", row0, "kh", kh, H}, {"col0", col0, "kw", kw, W}};
+  for (const OriginAxis& a : axes) {
+    TORCH_CHECK(a.t.is_cpu(), op, ": check_origin_values_cpu called with ", a.t.device(),
+                " origins (internal error: CUDA origins are checked in the kernels)");
+    const int64_t n = a.t.numel();
     if (n == 0) continue;
-    const at::Tensor host = a.t.is_cpu() ? a.t.contiguous() : a.t.to(at::kCPU).contiguous();
+    const at::Tensor host = a.t.contiguous();
     const int64_t* v = host.const_data_ptr<int64_t>();
     int64_t lo = v[0], hi = v[0];
     for (int64_t i = 1; i < n; ++i) {
       lo = v[i] < lo ? v[i] : lo;
       hi = v[i] > hi ? v[i] : hi;
     }
-    TORCH_CHECK_VALUE(lo >= 0 && hi + a.k <= a.size, op, ": ", a.name, " values must lie in [0, ",
-                      a.size - a.k, "] for a block of ", a.k, " in a dimension of ", a.size,
-                      "; got range [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(math::block_origin_ok(lo, a.k, a.size) && math::block_origin_ok(hi, a.k, a.size),
+                      op, ": ", a.name, " values must lie in [0, ", a.size - a.k, "] for a block of ",
+                      a.k, " in a dimension of ", a.size, "; got range [", lo, ", ", hi, "]");
   }
+}
+
+void check_dct2_args(const char* op, const at::Tensor& x) {
+  check_float(op, "x", x);
+  check_rank(op, "x", x, 2, "(..., H, W)", /*at_least=*/true);
 }
 
 void check_analysis_args(const at::Tensor& x, const at::Tensor& row0, const at::Tensor& col0,
@@ -84,7 +100,7 @@ void check_analysis_args(const at::Tensor& x, const at::Tensor& row0, const at::
   const char* op = "dct_block_analysis";
   check_float(op, "x", x);
   check_rank(op, "x", x, 4, "(N, C, H, W)", false);
-  check_origins(op, x.size(0), row0, col0, x.device(), kh, kw, x.size(2), x.size(3));
+  check_origin_tensors(op, x.size(0), row0, col0, x.device(), kh, kw, x.size(2), x.size(3));
 }
 
 void check_synthesis_args(const at::Tensor& coeffs, const at::Tensor& row0,
@@ -93,11 +109,12 @@ void check_synthesis_args(const at::Tensor& coeffs, const at::Tensor& row0,
   check_float(op, "coeffs", coeffs);
   check_rank(op, "coeffs", coeffs, 4, "(N, C, kh, kw)", false);
   TORCH_CHECK_VALUE(H >= 1 && W >= 1, op, ": H and W must be >= 1, got H=", H, ", W=", W);
-  check_origins(op, coeffs.size(0), row0, col0, coeffs.device(), coeffs.size(2), coeffs.size(3),
-                H, W);
+  check_origin_tensors(op, coeffs.size(0), row0, col0, coeffs.device(), coeffs.size(2),
+                       coeffs.size(3), H, W);
 }
 
-bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double p, double eps) {
+SelectArgs check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double p,
+                             double eps) {
   const char* op = "deepfool_select";
   check_float(op, "gap", gap);
   check_float(op, "grad_gap", grad_gap);
@@ -110,74 +127,18 @@ bool check_select_args(const at::Tensor& gap, const at::Tensor& grad_gap, double
   TORCH_CHECK_VALUE(gap.size(1) >= 1, op, ": need at least one candidate (k >= 1), got k=0");
   TORCH_CHECK_TYPE(gap.scalar_type() == grad_gap.scalar_type(), op, ": gap (",
                    dtype_name(gap.scalar_type()), ") and grad_gap (",
-                   dtype_name(grad_gap.scalar_type()),
-                   ") dtypes differ");
+                   dtype_name(grad_gap.scalar_type()), ") dtypes differ");
   TORCH_CHECK_VALUE(gap.device() == grad_gap.device(), op, ": gap is on ", gap.device(),
                     " but grad_gap is on ", grad_gap.device());
   TORCH_CHECK_VALUE(p == 2.0 || (std::isinf(p) && p > 0), op, ": p must be 2 or inf, got ", p);
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
-  return std::isinf(p);
-}
-
-SelectBuffers select_buffers(const at::Tensor& gap, const at::Tensor& grad_gap) {
   const int64_t N = grad_gap.size(0), M = grad_gap.size(2);
-  return {gap.contiguous(), grad_gap.contiguous(), at::empty({N, M}, grad_gap.options()),
-          at::empty({N}, gap.options().dtype(at::kLong)), at::empty({N}, gap.options())};
-}
-
-// ---- DCT matrix cache ----------------------------------------------------------------------
-
-at::Tensor build_dct_matrix_cpu(int64_t n, at::ScalarType dtype, bool transposed) {
-  at::Tensor m = at::empty({n, n}, at::TensorOptions().dtype(at::kDouble));
-  double* d = m.mutable_data_ptr<double>();
-  for (int64_t k = 0; k < n; ++k) {
-    for (int64_t i = 0; i < n; ++i) {
-      const double c = math::dct_coef(n, k, i);
-      d[transposed ? i * n + k : k * n + i] = c;
-    }
-  }
-  return dtype == at::kDouble ? m : m.to(dtype);
-}
-
-namespace {
-using CacheKey = std::tuple<int64_t, int, int, int, bool>;  // n, dtype, device type, index, T
-constexpr size_t kMaxCacheEntries = 64;
-std::mutex g_cache_mutex;
-std::map<CacheKey, at::Tensor>& cache() {
-  static auto* c = new std::map<CacheKey, at::Tensor>();  // leaked: no destruction-order issues
-  return *c;
-}
-}  // namespace
-
-at::Tensor dct_matrix_cached(int64_t n, at::ScalarType dtype, c10::Device device,
-                             bool transposed, const DctBuilder& build) {
-  const CacheKey key{n, static_cast<int>(dtype), static_cast<int>(device.type()),
-                     static_cast<int>(device.index()), transposed};
-  {
-    std::lock_guard<std::mutex> lock(g_cache_mutex);
-    auto it = cache().find(key);
-    if (it != cache().end()) return it->second;
-  }
-  // Built outside the lock; a concurrent miss builds an identical matrix, first one wins.
-  at::Tensor m = build(n, dtype, device, transposed);
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  if (cache().size() >= kMaxCacheEntries) cache().clear();
-  return cache().emplace(key, m).first->second;
-}
-
-at::Tensor dct2_impl(const at::Tensor& x, bool inverse, const DctBuilder& build) {
-  const char* op = inverse ? "idct2" : "dct2";
-  check_float(op, "x", x);
-  check_rank(op, "x", x, 2, "(..., H, W)", /*at_least=*/true);
-  const int64_t H = x.size(-2), W = x.size(-1);
-  // forward: C_H X C_W^T;  inverse: C_H^T X C_W.
-  const at::Tensor left = dct_matrix_cached(H, x.scalar_type(), x.device(), inverse, build);
-  const at::Tensor right = dct_matrix_cached(W, x.scalar_type(), x.device(), !inverse, build);
-  if (x.numel() == 0) return at::empty(x.sizes(), x.options());
-  // Columns first: one large GEMM (B*H, W) x (W, W); then the rows, batched over B.
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor y = at::matmul(xc.view({-1, W}), right).view({-1, H, W});
-  return at::matmul(left, y).view(x.sizes());
+  return {std::isinf(p),
+          gap.contiguous(),
+          grad_gap.contiguous(),
+          at::empty({N, M}, grad_gap.options()),
+          at::empty({N}, gap.options().dtype(at::kLong)),
+          at::empty({N}, gap.options())};
 }
 
 }  // namespace pyboundary

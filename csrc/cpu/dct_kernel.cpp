@@ -1,4 +1,5 @@
-// CPU kernels of the DCT ops and the CPU registration of every op.
+// CPU kernels of the DCT ops (dct2, idct2, dct_block_analysis, dct_block_synthesis) and their
+// CPU registration.
 //
 // dct2 / idct2: per image, one small product along each dimension with the cached DCT
 // matrices (built from math::dct_coef); from 64 x 64 on through the even/odd butterfly of C_n
@@ -9,7 +10,10 @@
 // rows are a slice of the cached matrix).
 // The product kernel is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline,
 // chosen at load time (GCC function multi-versioning); other platforms get the baseline.
-#include "../common.h"
+#include "cpu_kernels.h"
+
+#include "../checks.h"
+#include "../dct_matrix.h"
 #include "multiversion.h"
 
 #include <ATen/Dispatch.h>
@@ -293,9 +297,9 @@ static at::Tensor dct2_direct(const at::Tensor& x, bool inverse) {
 }
 
 static at::Tensor dct2_cpu_any(const at::Tensor& x, bool inverse) {
-  const char* op = inverse ? "idct2" : "dct2";
-  check_float(op, "x", x);
-  check_rank(op, "x", x, 2, "(..., H, W)", /*at_least=*/true);
+  check_dct2_args(inverse ? "idct2" : "dct2", x);
+  // Empty input (a zero batch, H = 0 or W = 0): an empty result of the same shape, as on CUDA
+  // and in the twins.
   if (x.numel() == 0) return at::empty(x.sizes(), x.options());
   return dct2_direct(x, inverse);
 }
@@ -306,6 +310,7 @@ at::Tensor idct2_cpu(const at::Tensor& x) { return dct2_cpu_any(x, true); }
 at::Tensor dct_block_analysis_cpu(const at::Tensor& x, const at::Tensor& row0,
                                   const at::Tensor& col0, int64_t kh, int64_t kw) {
   check_analysis_args(x, row0, col0, kh, kw);
+  check_origin_values_cpu("dct_block_analysis", row0, col0, kh, kw, x.size(2), x.size(3));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({N, C, kh, kw}, x.options());
   if (out.numel() == 0) return out;
@@ -338,6 +343,7 @@ at::Tensor dct_block_analysis_cpu(const at::Tensor& x, const at::Tensor& row0,
 at::Tensor dct_block_synthesis_cpu(const at::Tensor& coeffs, const at::Tensor& row0,
                                    const at::Tensor& col0, int64_t H, int64_t W) {
   check_synthesis_args(coeffs, row0, col0, H, W);
+  check_origin_values_cpu("dct_block_synthesis", row0, col0, coeffs.size(2), coeffs.size(3), H, W);
   const int64_t N = coeffs.size(0), C = coeffs.size(1);
   const int64_t kh = coeffs.size(2), kw = coeffs.size(3);
   at::Tensor out = at::empty({N, C, H, W}, coeffs.options());
@@ -373,5 +379,4 @@ TORCH_LIBRARY_IMPL(pyboundary, CPU, m) {
   m.impl("idct2", &pyboundary::idct2_cpu);
   m.impl("dct_block_analysis", &pyboundary::dct_block_analysis_cpu);
   m.impl("dct_block_synthesis", &pyboundary::dct_block_synthesis_cpu);
-  m.impl("deepfool_select", &pyboundary::deepfool_select_cpu);
 }
