@@ -4,6 +4,8 @@
 #   make demo        same setup, then `pyboundary demo`
 #   make bench       same setup, then the benchmarks (pytest-benchmark)
 #   make cuda-check  compile the CUDA kernels against a CUDA torch in a second venv (no GPU needed)
+#   make cuda-emu    run the CUDA kernels on the host (tests/cuda_emu, AddressSanitizer): the op
+#                    tests on the emulated device and the emulator's own tests
 #   make cmake-check configure + build CMakeLists.txt against the venv's torch
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ PIP_QUIET ?= -q
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 
-.PHONY: test test-slow demo bench setup data cuda-check cmake-check ci clean-build
+.PHONY: test test-slow demo bench setup data cuda-check cuda-emu cmake-check ci clean-build
 
 test: setup data
 	@rc=0; $(VPY) -m pytest || rc=$$?; \
@@ -80,6 +82,13 @@ data:
 
 cuda-check:
 	bash .ci/cuda_check.sh
+
+# The emulated CUDA library is cached under build/cuda_emu by a hash of its sources (a rebuild
+# only when csrc/ or tests/cuda_emu change); the tests need the ASan runtime preloaded.
+cuda-emu: setup
+	$(VPY) tests/cuda_emu/build.py > /dev/null
+	LD_PRELOAD="$$($(VPY) tests/cuda_emu/build.py --preload)" ASAN_OPTIONS=detect_leaks=0 \
+	  PYBOUNDARY_CUDA_EMU=required $(VPY) -m pytest -q -p no:cacheprovider -m cuda_emu tests
 
 cmake-check: setup
 	PYTHON=$(VPY) bash .ci/cmake_check.sh

@@ -1,8 +1,13 @@
-"""Tests of the compiled ops (torch.ops.pyboundary.*), their twins and the ops.py front end.
+"""Tests of the compiled ops (torch.ops.pyboundary.*), their twins and the ops front end.
 
 Ground truths: scipy.fft.dctn/idctn (type 2, norm='ortho'), dense float64 DCT bases built from
 the definition, float64 hand computations of the DeepFool choice. The compiled kernels are also
-compared with the twins of pyboundary.reference whenever the library is loaded.
+compared with the twins of pyboundary.reference; those comparisons require the compiled library
+(they fail when it did not load, unless PYBOUNDARY_FORCE_REFERENCE deliberately disabled it).
+
+Devices: device-parametrised tests run on "cpu", on "cuda_emu" (the real CUDA kernels executed
+on the host by tests/cuda_emu, under AddressSanitizer; `make cuda-emu`; skipped elsewhere) and
+on "cuda" (a GPU), with the same assertions and tolerances.
 """
 
 from __future__ import annotations
@@ -18,15 +23,41 @@ import pytest
 import scipy.fft
 import torch
 
+from cuda_emu import shim as cuda_emu
 from pyboundary import ops
 from pyboundary.ops import reference
 
 COMPILED = ops.backend()["ops"] == "compiled"
-needs_compiled = pytest.mark.skipif(
-    not COMPILED, reason=f"compiled ops not loaded: {ops.backend()['reason']}"
-)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+FORCED_REFERENCE = os.environ.get("PYBOUNDARY_FORCE_REFERENCE", "").strip().lower() in ("1", "true", "yes", "on")
+# The real op namespace, captured before any test routes torch.ops.pyboundary to the emulator:
+# its CPU kernels are the reference the GPU devices are compared with.
+CPU_OPS = torch.ops.pyboundary
+GPU_DEVICES = [pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = ["cpu", *GPU_DEVICES]
 INF = math.inf
+
+
+@pytest.fixture
+def compiled():
+    """The compiled library must be loaded: in this project's CI it always is."""
+    if COMPILED:
+        return
+    if FORCED_REFERENCE:
+        pytest.skip("compiled ops disabled on purpose (PYBOUNDARY_FORCE_REFERENCE)")
+    pytest.fail(f"the compiled ops library did not load: {ops.backend()['reason']}")
+
+
+@pytest.fixture
+def device(request):
+    """Torch device of a device-parametrised test (indirect); 'cuda_emu' runs the test on CPU
+    tensors with torch.ops.pyboundary routed to the emulated CUDA kernels."""
+    if request.param == "cuda_emu":
+        with cuda_emu.emulated():
+            yield "cpu"
+    else:
+        if request.param == "cpu" and not COMPILED and not FORCED_REFERENCE:
+            pytest.fail(f"the compiled ops library did not load: {ops.backend()['reason']}")
+        yield request.param
 
 
 def _gen(seed=0):
@@ -122,7 +153,7 @@ DCT_SHAPES = [(28, 28), (32, 32), (224, 224), (7, 13), (3, 7, 13), (2, 3, 28, 28
               (2, 65, 97), (64, 66)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("shape", DCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_dct2_matches_scipy(shape, dtype, tol, device):
@@ -138,7 +169,7 @@ def test_dct2_matches_scipy(shape, dtype, tol, device):
     assert _rel(got_inv, want_inv) < tol
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("hw", [(17, 23), (67, 64)])
 def test_dct2_round_trip_and_parseval(device, hw):
     x = _rand(3, 2, *hw, seed=2, device=device)
@@ -151,7 +182,7 @@ def test_dct2_round_trip_and_parseval(device, hw):
     assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)) * math.sqrt(hw[0] * hw[1]), rtol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_dct2_noncontiguous(device):
     base = _rand(2, 13, 3, 11, seed=3, device=device)
     x = base.permute(0, 2, 3, 1)[..., ::2]  # (2, 3, 11, 7), non-contiguous
@@ -179,7 +210,7 @@ def _case(case, dtype=torch.float64, device="cpu", seed=0):
     return x, _origins(*r, device=device), _origins(*c, device=device), kh, kw
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=range(len(BLOCK_CASES)))
 def test_block_ops_match_dense_basis(case, device):
     x, row0, col0, kh, kw = _case(case, device=device)
@@ -197,7 +228,7 @@ def test_block_ops_match_dense_basis(case, device):
         np.testing.assert_allclose(proj[i].cpu().numpy(), want_p, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_block_ops_float32_close_to_float64(device):
     x, row0, col0, kh, kw = _case((3, 32, 32, 8, 8, (0, 24, 9), (24, 0, 17)), device=device)
     c64 = ops.dct_block_analysis(x, row0, col0, kh, kw)
@@ -208,7 +239,7 @@ def test_block_ops_float32_close_to_float64(device):
     assert s32.dtype == torch.float32 and _rel(s32, s64) < 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_block_analysis_is_the_dct2_window(device):
     x, row0, col0, kh, kw = _case((2, 20, 15, 6, 4, (14, 3), (11, 0)), device=device)
     full = ops.dct2(x)
@@ -218,7 +249,7 @@ def test_block_analysis_is_the_dct2_window(device):
         assert torch.allclose(got[i], full[i, :, r : r + kh, c : c + kw], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("case", BLOCK_CASES[:2], ids=range(2))
 def test_block_adjoint_idempotent_norm(case, device):
     x, row0, col0, kh, kw = _case(case, device=device)
@@ -240,7 +271,7 @@ def test_block_adjoint_idempotent_norm(case, device):
     assert torch.allclose(ops.dct_block_analysis(asy, row0, col0, kh, kw), y, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_block_ops_noncontiguous(device):
     x, row0, col0, kh, kw = _case((3, 9, 10, 3, 4, (6, 0), (6, 2)), device=device)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous
@@ -259,42 +290,79 @@ def test_block_ops_noncontiguous(device):
     )
 
 
-def test_many_sizes_survive_matrix_cache_eviction():
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_many_sizes_survive_matrix_cache_eviction(device):
     """More distinct DCT sizes than the kernels' matrix cache holds: every result stays right."""
     for n in range(3, 45):
-        x = _rand(2, 1, n, n + 2, seed=n, dtype=torch.float32)
-        assert _rel(ops.dct2(x), reference.dct2(x)) < 1e-5
-        assert _rel(ops.idct2(x), reference.idct2(x)) < 1e-5
-        r, c = _origins(0, n - 2), _origins(n, 1)
-        assert _rel(ops.dct_block_analysis(x, r, c, 2, 2), reference.dct_block_analysis(x, r, c, 2, 2)) < 1e-5
+        x = _rand(2, 1, n, n + 2, seed=n, dtype=torch.float32, device=device)
+        assert _rel(ops.dct2(x), reference.dct2(x)) < 1e-6
+        assert _rel(ops.idct2(x), reference.idct2(x)) < 1e-6
+        r, c = _origins(0, n - 2, device=device), _origins(n, 1, device=device)
+        assert _rel(ops.dct_block_analysis(x, r, c, 2, 2), reference.dct_block_analysis(x, r, c, 2, 2)) < 1e-6
 
 
-def test_cpu_kernels_thread_count_invariant():
-    """Parallel chunks (at::parallel_for) give bitwise the results of one thread."""
-    x, row0, col0, kh, kw = _case((3, 30, 20, 7, 9, (0, 23, 11, 5), (11, 0, 3, 7)), dtype=torch.float32)
-    gap, grad = _select_inputs(n=40, k=4, m=300, seed=61, dtype=torch.float32)
-    old = torch.get_num_threads()
+# Inputs above every at::parallel_for grain of the CPU kernels (csrc/cpu: block_grain = 2^20 /
+# multiply-adds per item, select: 2^18 / (k M) samples), so 2 and 3 threads split each op into 2
+# and 3 chunks: dct2 30x20 (plain form) 34 images per chunk, 120 images; dct2 64x72 (butterfly)
+# 3 per chunk, 8 images; block ops kh=7 on 30x20: 249 (sample, channel) items per chunk, 750;
+# select k=4, M=300: 218 samples per chunk, 700.
+def _thread_invariance_runs():
+    x = _rand(40, 3, 30, 20, dtype=torch.float32, seed=60)
+    xb = _rand(8, 64, 72, dtype=torch.float32, seed=62)
+    xa = _rand(250, 3, 30, 20, dtype=torch.float32, seed=63)
+    g = torch.Generator().manual_seed(64)
+    row0, col0 = torch.randint(0, 24, (250,), generator=g), torch.randint(0, 12, (250,), generator=g)
+    gap, grad = _select_inputs(n=700, k=4, m=300, seed=61, dtype=torch.float32)
 
     def run():
-        c = ops.dct_block_analysis(x, row0, col0, kh, kw)
-        return [ops.dct2(x), c, ops.dct_block_synthesis(c, row0, col0, 30, 20), *ops.deepfool_select(gap, grad, 2)]
+        c = ops.dct_block_analysis(xa, row0, col0, 7, 9)
+        return [ops.dct2(x), ops.idct2(x), ops.dct2(xb), ops.idct2(xb), c,
+                ops.dct_block_synthesis(c, row0, col0, 30, 20), *ops.deepfool_select(gap, grad, 2),
+                *ops.deepfool_select(gap, grad, INF)]
 
+    return run
+
+
+@pytest.mark.usefixtures("compiled")
+def test_cpu_kernels_thread_count_invariant():
+    """Parallel chunks (at::parallel_for) give bitwise the results of one thread."""
+    run = _thread_invariance_runs()
+    old = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
+        results = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.get_num_threads() == n
+            results[n] = run()
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(one, two):
-        assert torch.equal(a, b)
+    for n in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[n])):
+            assert torch.equal(a, b), (n, i)
 
 
-def test_block_ops_empty_batch():
-    x = torch.zeros(0, 3, 8, 8)
-    e = torch.zeros(0, dtype=torch.int64)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_block_ops_empty_batch(device):
+    x = torch.zeros(0, 3, 8, 8, device=device)
+    e = torch.zeros(0, dtype=torch.int64, device=device)
     assert ops.dct_block_analysis(x, e, e, 2, 2).shape == (0, 3, 2, 2)
-    assert ops.dct_block_synthesis(torch.zeros(0, 3, 2, 2), e, e, 8, 8).shape == (0, 3, 8, 8)
+    assert ops.dct_block_synthesis(torch.zeros(0, 3, 2, 2, device=device), e, e, 8, 8).shape == (0, 3, 8, 8)
+
+
+EMPTY_SHAPES = [(0, 5), (5, 0), (0, 0), (3, 0, 4), (2, 4, 0), (0, 4, 5), (2, 0, 3, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dct2_empty_input_gives_empty_output(shape, device):
+    """H = 0, W = 0 or an empty batch: an empty result of the same shape (as torch ops do), on
+    every backend: compiled CPU, CUDA (emulated or real) and the twin."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(shape, dtype=dtype, device=device)
+        for op in ("dct2", "idct2"):
+            for impl in (ops, reference):
+                y = getattr(impl, op)(x)
+                assert y.shape == x.shape and y.dtype == dtype and y.device == x.device, (impl, op)
 
 
 # ---- deepfool_select -----------------------------------------------------------------------
@@ -330,7 +398,7 @@ def _select_inputs(n=6, k=4, m=11, seed=0, dtype=torch.float64, device="cpu"):
     return gap, grad
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("p", [2, INF])
 @pytest.mark.parametrize("k", [1, 4])
 def test_select_matches_hand_computation(p, k, device):
@@ -350,7 +418,7 @@ def test_select_matches_hand_computation(p, k, device):
         assert dist[1] == INF and (step[1] == 0).all() and index[1] == 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("p", [2, INF])
 def test_select_lands_just_past_linearised_boundary(p, device):
     gap, grad = _select_inputs(n=16, k=5, m=30, seed=3, device=device)
@@ -368,7 +436,7 @@ def test_select_lands_just_past_linearised_boundary(p, device):
                           rtol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_select_all_zero_gradients(device):
     gap = -torch.rand(3, 2, dtype=torch.float64, device=device)
     grad = torch.zeros(3, 2, 5, dtype=torch.float64, device=device)
@@ -377,8 +445,9 @@ def test_select_all_zero_gradients(device):
         assert (index == 0).all() and torch.isinf(dist).all() and (step == 0).all()
 
 
-def test_select_float32_and_noncontiguous():
-    gap, grad = _select_inputs(n=5, k=3, m=40, seed=5, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_select_float32_and_noncontiguous(device):
+    gap, grad = _select_inputs(n=5, k=3, m=40, seed=5, dtype=torch.float32, device=device)
     grad_nc = grad.transpose(1, 2).contiguous().transpose(1, 2)
     gap_nc = gap.t().contiguous().t()
     assert not grad_nc.is_contiguous() and not gap_nc.is_contiguous()
@@ -386,15 +455,81 @@ def test_select_float32_and_noncontiguous():
         step, index, dist = ops.deepfool_select(gap_nc, grad_nc, p)
         assert step.dtype == torch.float32 and dist.dtype == torch.float32
         want_s, want_i, want_d = _select_by_hand(gap, grad, p, 1e-4)
-        np.testing.assert_array_equal(index.numpy(), want_i)
-        np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-5)
-        np.testing.assert_allclose(step.numpy(), want_s, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(index.cpu().numpy(), want_i)
+        np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-6)
+        np.testing.assert_allclose(step.cpu().numpy(), want_s, rtol=1e-6, atol=1e-9)
+
+
+def _near_tie_inputs(n=24, m=4096, seed=0):
+    """float32 (gap, grad) with k = 2 candidates whose distances differ by ~1e-10 relative.
+
+    Both gaps are -1; the second gradient is a permutation of the first with one entry moved
+    one float32 ulp away from zero, in the first or the second candidate (alternating), so the
+    exact choice is known while a float32 accumulation of the M terms (error ~1e-6 relative,
+    order-dependent) decides it by chance.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, m, generator=g, dtype=torch.float32)
+    perm = torch.stack([torch.randperm(m, generator=g) for _ in range(n)])
+    other = base.gather(1, perm)
+    grad = torch.stack([base, other], 1)  # (n, 2, m)
+    j = torch.randint(0, m, (n,), generator=g)
+    bumped = torch.arange(n) % 2  # the candidate made (slightly) longer: it is the closest
+    rows = torch.arange(n)
+    v = grad[rows, bumped, j]
+    grad[rows, bumped, j] = torch.nextafter(v, torch.where(v >= 0, math.inf, -math.inf))
+    gap = torch.full((n, 2), -1.0, dtype=torch.float32)
+    return gap, grad, bumped
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("p", [2, INF])
+def test_select_float32_near_ties_decided_exactly(p, device):
+    """Norms accumulate in double on every device (and in the twin): a float32 near-tie picks
+    the exactly closer candidate everywhere, with the same distance."""
+    gap, grad, want = _near_tie_inputs()
+    # The inputs are real near-ties: a float32 accumulation in index order misorders some.
+    terms = grad.square() if p == 2 else grad.abs()
+    f32 = terms.cumsum(-1, dtype=torch.float32)[..., -1]  # sequential float32 sums
+    f32_pick = (f32[:, 1] > f32[:, 0]).long()  # larger norm = smaller distance
+    assert (f32_pick != want).any(), "inputs are not near-ties in float32"
+    g64 = grad.double()
+    exact = g64.square().sum(-1) if p == 2 else g64.abs().sum(-1)  # squares of float32 are exact
+    norm = exact.sqrt() if p == 2 else exact
+    want_dist = (1.0 / norm.gather(1, want[:, None])[:, 0]).float()
+    for impl in (ops, reference):
+        step, index, dist = impl.deepfool_select(gap.to(device), grad.to(device), p)
+        assert torch.equal(index.cpu(), want), impl
+        assert torch.equal(dist.cpu(), want_dist), impl
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_dct2_accuracy_independent_of_tf32_settings(precision, device):
+    """dct2/idct2 use their own kernels: TF32 / reduced-precision matmul settings change nothing."""
+    x = _rand(3, 2, 40, 56, dtype=torch.float32, seed=71, device=device)
+    want = scipy.fft.dctn(x.double().cpu().numpy(), type=2, norm="ortho", axes=(-2, -1))
+    before = ops.dct2(x)
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+           torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision(precision)
+        got = ops.dct2(x)
+        back = ops.idct2(got)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+        torch.set_float32_matmul_precision(old[2])
+    assert torch.equal(got, before)
+    assert _rel(got, want) < 1e-6
+    assert _rel(back, x) < 1e-6
 
 
 # ---- compiled kernels vs their twins ---------------------------------------------------------
 
 
-@needs_compiled
+@pytest.mark.usefixtures("compiled")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_matches_twins(dtype):
     P = torch.ops.pyboundary
@@ -414,7 +549,7 @@ def test_compiled_matches_twins(dtype):
         assert _rel(got[0], want[0]) < tol and _rel(got[2], want[2]) < tol
 
 
-@needs_compiled
+@pytest.mark.usefixtures("compiled")
 def test_public_functions_dispatch_to_compiled():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -438,7 +573,7 @@ def test_public_functions_dispatch_to_compiled():
 # ---- autograd, opcheck, torch.compile --------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_gradcheck(device):
     x = _rand(2, 1, 5, 4, seed=21, device=device).requires_grad_()
     row0, col0 = _origins(0, 2, device=device), _origins(1, 0, device=device)
@@ -450,8 +585,8 @@ def test_gradcheck(device):
     assert torch.autograd.gradgradcheck(lambda t: ops.dct_block_analysis(t, row0, col0, 3, 3), (x,))
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_opcheck_every_op(device):
     P = torch.ops.pyboundary
     x = _rand(2, 3, 6, 5, seed=31, device=device)
@@ -470,7 +605,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
 
 
-@needs_compiled
+@pytest.mark.usefixtures("compiled")
 def test_torch_compile_fullgraph_smoke():
     row0, col0 = _origins(0, 4), _origins(1, 2)
 
@@ -538,7 +673,7 @@ def test_validation_messages(call, exc, words):
         assert w in msg, (w, msg)
 
 
-@needs_compiled
+@pytest.mark.usefixtures("compiled")
 def test_compiled_validation_messages_match_twin_kind():
     """The C++ checks raise the same exception class as the twin for each bad argument."""
     bad = [
@@ -563,16 +698,83 @@ def test_cuda_origins_on_wrong_device():
         ops.dct_block_analysis(x, R2, R2.cuda(), 2, 2)
 
 
-@pytest.mark.cuda
-def test_cuda_kernels_loaded_and_match_cpu():
-    assert ops.backend()["cuda_kernels"], ops.backend()
+@pytest.mark.parametrize("device", GPU_DEVICES, indirect=True)
+def test_cuda_kernels_match_the_cpu_kernels(device):
+    if device == "cuda":
+        assert ops.backend()["cuda_kernels"], ops.backend()
     x = _rand(4, 3, 40, 36, seed=51)
     row0, col0 = _origins(0, 32, 5, 20), _origins(28, 0, 9, 14)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+    rd, cd = row0.to(device), col0.to(device)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
         xd = x.to(dtype)
-        c_cpu = ops.dct_block_analysis(xd, row0, col0, 8, 8)
-        c_gpu = ops.dct_block_analysis(xd.cuda(), row0.cuda(), col0.cuda(), 8, 8)
-        assert _rel(c_gpu, c_cpu) < tol
-        s_gpu = ops.dct_block_synthesis(c_cpu.cuda(), row0.cuda(), col0.cuda(), 40, 36)
-        assert _rel(s_gpu, ops.dct_block_synthesis(c_cpu, row0, col0, 40, 36)) < tol
-        assert _rel(ops.dct2(xd.cuda()), ops.dct2(xd)) < tol
+        c_cpu = CPU_OPS.dct_block_analysis(xd, row0, col0, 8, 8)
+        c_dev = ops.dct_block_analysis(xd.to(device), rd, cd, 8, 8)
+        assert _rel(c_dev, c_cpu) < tol
+        s_dev = ops.dct_block_synthesis(c_cpu.to(device), rd, cd, 40, 36)
+        assert _rel(s_dev, CPU_OPS.dct_block_synthesis(c_cpu, row0, col0, 40, 36)) < tol
+        assert _rel(ops.dct2(xd.to(device)), CPU_OPS.dct2(xd)) < tol
+        assert _rel(ops.idct2(xd.to(device)), CPU_OPS.idct2(xd)) < tol
+        gap, grad = _select_inputs(n=7, k=5, m=700, seed=52, dtype=dtype)
+        for p in (2, INF):
+            want = CPU_OPS.deepfool_select(gap, grad, p, 1e-4)
+            got = ops.deepfool_select(gap.to(device), grad.to(device), p, 1e-4)
+            assert torch.equal(got[1].cpu(), want[1])
+            assert _rel(got[0], want[0]) < tol and _rel(got[2], want[2]) < tol
+
+
+# ---- the emulated CUDA device: what only it can show ------------------------------------------
+
+_HOST_COPY_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::to", "aten::_to_copy", "aten::copy_",
+                  "aten::cpu", "aten::nonzero", "aten::mm", "aten::bmm", "aten::matmul")
+
+
+@pytest.mark.cuda_emu
+def test_emulated_cuda_ops_make_no_host_sync():
+    """After the DCT matrices are cached, the CUDA ops synchronise never and copy nothing to the
+    host (no origin read-back), and dct2 uses no matmul (so no TF32/cuBLAS setting applies)."""
+    with cuda_emu.emulated() as emu:
+        x, row0, col0, kh, kw = _case((3, 20, 24, 4, 6, (0, 16, 9), (18, 3, 0)), dtype=torch.float32)
+        gap, grad = _select_inputs(n=4, k=3, m=50, seed=81, dtype=torch.float32)
+
+        def calls():
+            c = ops.dct_block_analysis(x, row0, col0, kh, kw)
+            ops.dct_block_synthesis(c, row0, col0, 20, 24)
+            ops.idct2(ops.dct2(x))
+            ops.deepfool_select(gap, grad, 2.0)
+
+        calls()  # fills the matrix cache: one synchronisation per new matrix
+        cuda_emu.reset_stats()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            calls()
+        stats = cuda_emu.stats()
+        names = {e.name for e in prof.events()}
+    assert stats["syncs"] == 0, stats
+    assert stats["launches"] == 2 + 2 + 2 * 2 + 1, stats  # analysis, synthesis, dct2 + idct2, select
+    assert stats["record_streams"] == 2 + 2 + 2 * 2, stats  # every matrix read is recorded on the stream
+    assert {f"pyboundary_emu::{n}" for n in ("dct2", "dct_block_analysis", "deepfool_select")} <= names
+    assert not names & set(_HOST_COPY_OPS), sorted(names & set(_HOST_COPY_OPS))
+    del emu
+
+
+@pytest.mark.cuda_emu
+def test_emulated_cuda_checks_origins_on_the_device():
+    """Out-of-range origins are caught by the kernels (device-side assert), not by a host read."""
+    with cuda_emu.emulated():
+        x = torch.zeros(2, 1, 8, 8)
+        for row0, col0 in ((torch.tensor([0, 7]), R2), (R2, torch.tensor([-1, 0]))):
+            with pytest.raises(RuntimeError, match="device-side assert triggered.*out of range"):
+                ops.dct_block_analysis(x, row0, col0, 2, 2)
+            with pytest.raises(RuntimeError, match="device-side assert triggered.*out of range"):
+                ops.dct_block_synthesis(torch.zeros(2, 1, 2, 2), row0, col0, 8, 8)
+        # and the next call is clean again
+        assert ops.dct_block_analysis(x, R2, R2, 2, 2).shape == (2, 1, 2, 2)
+
+
+@pytest.mark.cuda_emu
+def test_emulated_cuda_empty_dct2_launches_nothing():
+    with cuda_emu.emulated():
+        cuda_emu.reset_stats()
+        for shape in EMPTY_SHAPES:
+            assert ops.dct2(torch.zeros(shape)).shape == shape
+            assert ops.idct2(torch.zeros(shape)).shape == shape
+        assert cuda_emu.stats()["launches"] == 0
