@@ -21,6 +21,7 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "cuda_emu: runs the CUDA kernels on the emulated device (make cuda-emu)")
     config.addinivalue_line("markers", "slow: long-running test, excluded from the default run")
 
 

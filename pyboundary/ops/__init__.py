@@ -24,7 +24,9 @@ __all__ = ["backend", "dct2", "idct2", "dct_block_analysis", "dct_block_synthesi
 _COMPILED = _library.COMPILED
 _CUDA_KERNELS = _library.CUDA_KERNELS
 if _COMPILED:
-    from . import _registrations  # noqa: F401  (fake kernels and autograd)
+    from . import _registrations
+
+    _registrations.register("pyboundary")  # fake kernels and autograd
 
 
 def backend() -> dict:
@@ -64,7 +66,10 @@ def dct2(x: Tensor) -> Tensor:
         x: (..., H, W) float32/float64, any strides.
     Returns:
         (..., H, W) contiguous coefficients, same dtype; entry (u, v) is frequency (row u, col v).
-        Differentiable (the backward is :func:`idct2`).
+        Empty input (H = 0, W = 0 or an empty batch): an empty result of the same shape.
+        Differentiable (the backward is :func:`idct2`). Computed by own kernels on every
+        device, so global matmul settings (TF32, ``torch.set_float32_matmul_precision``) do
+        not change the result.
     """
     if _use_compiled(x):
         return torch.ops.pyboundary.dct2(x)
@@ -92,8 +97,13 @@ def dct_block_analysis(x: Tensor, row0: Tensor, col0: Tensor, kh: int, kw: int) 
     Args:
         x: (N, C, H, W) float32/float64.
         row0, col0: (N,) int64 block origins (frequency row / column of the block's top-left
-            corner), on x's device.
-        kh, kw: block height and width, 1 <= kh <= H, 1 <= kw <= W, block inside the grid.
+            corner), on x's device, every block inside the grid: 0 <= row0 <= H - kh,
+            0 <= col0 <= W - kw. Checked without a device-to-host copy: CPU origins on the
+            host (ValueError), CUDA origins inside the kernels (an out-of-range origin triggers
+            a device-side assert, reported at the next synchronisation, and is never read
+            through), so a call never synchronises; callers that create origins validate them
+            there (see :mod:`pyboundary.subspaces`).
+        kh, kw: block height and width, 1 <= kh <= H, 1 <= kw <= W.
     Returns:
         (N, C, kh, kw) coefficients, same dtype. Cost O(N C kh H W). Differentiable in x
         (the backward is :func:`dct_block_synthesis`).
@@ -108,8 +118,9 @@ def dct_block_synthesis(coeffs: Tensor, row0: Tensor, col0: Tensor, H: int, W: i
 
     Args:
         coeffs: (N, C, kh, kw) float32/float64.
-        row0, col0: (N,) int64 block origins, on coeffs' device.
-        H, W: output image size (the block must fit: row0 + kh <= H, col0 + kw <= W).
+        row0, col0: (N,) int64 block origins, on coeffs' device; the blocks must fit,
+            row0 + kh <= H, col0 + kw <= W (checked as in :func:`dct_block_analysis`).
+        H, W: output image size, >= 1.
     Returns:
         (N, C, H, W), same dtype. ``dct_block_synthesis(dct_block_analysis(x, ...), ...)`` is the
         orthogonal projection of x onto the block subspace. Differentiable in coeffs.
@@ -125,7 +136,8 @@ def deepfool_select(
     """One DeepFool choice: the closest linearised boundary among k candidates, and the step to it.
 
     dist_c = |gap_c| / ||g_c||_q (q = 2 for p = 2, q = 1 for p = inf), c* = argmin (first on
-    ties), push = (1 + eps)|gap| + 1e-3 eps (logit units), step = push / ||g||_2^2 * g (p = 2) or
+    ties; norms and distances accumulated in float64 for both dtypes on every device, so
+    float32 near-ties are decided the same way on CPU, CUDA and the twin), push = (1 + eps)|gap| + 1e-3 eps (logit units), step = push / ||g||_2^2 * g (p = 2) or
     push / ||g||_1 * sign(g) (p = inf), so that gap + <g, step> = eps (|gap| + 1e-3) >= 0.
     Zero-norm candidates have distance +inf and are never chosen (all zero: index 0, zero step).
 

@@ -79,8 +79,11 @@ def dct2(x: Tensor) -> Tensor:
         x: (..., H, W) float32/float64.
     Returns:
         (..., H, W) coefficients, same dtype; entry (u, v) is frequency (row u, column v).
+        An empty x (H = 0, W = 0 or an empty batch) gives an empty result of the same shape.
     """
     _check_image("dct2", "x", x, 2)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ch = dct_matrix(x.shape[-2], x.dtype, x.device)
     cw = dct_matrix(x.shape[-1], x.dtype, x.device)
     return ch @ x @ cw.T
@@ -92,9 +95,11 @@ def idct2(x: Tensor) -> Tensor:
     Args:
         x: (..., H, W) DCT coefficients, float32/float64.
     Returns:
-        (..., H, W) image, same dtype.
+        (..., H, W) image, same dtype (empty in, empty out, as :func:`dct2`).
     """
     _check_image("idct2", "x", x, 2)
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ch = dct_matrix(x.shape[-2], x.dtype, x.device)
     cw = dct_matrix(x.shape[-1], x.dtype, x.device)
     return ch.T @ x @ cw
@@ -233,12 +238,17 @@ def deepfool_select(
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
-    abs_gap = gap.abs()
+    # Norms, distances, push and scale in float64 for both dtypes, as the compiled kernels do
+    # on every device (a float32 sum of M terms is off by ~1e-6 relative: near-ties between
+    # candidates would be decided by rounding); the step in the input dtype with the scale
+    # rounded once.
+    abs_gap = gap.abs().double()
+    g64 = grad_gap.double()
     if p == 2.0:
-        sq_norm = (grad_gap * grad_gap).sum(-1)
+        sq_norm = (g64 * g64).sum(-1)
         norm = sq_norm.sqrt()
     else:
-        norm = grad_gap.abs().sum(-1)
+        norm = g64.abs().sum(-1)
     zero = norm == 0
     dist = torch.where(zero, torch.full_like(abs_gap, math.inf), abs_gap / norm.masked_fill(zero, 1))
     best_dist, index = dist.min(dim=1)
@@ -253,5 +263,5 @@ def deepfool_select(
         direction = g.sign()
     best_zero = denom == 0
     scale = torch.where(best_zero, torch.zeros_like(push), push / denom.masked_fill(best_zero, 1))
-    step = scale.unsqueeze(1) * direction
-    return step, index, best_dist
+    step = scale.to(grad_gap.dtype).unsqueeze(1) * direction
+    return step, index, best_dist.to(gap.dtype)

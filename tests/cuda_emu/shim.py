@@ -91,10 +91,8 @@ def _register_python_side() -> None:
     """The package's fake kernels and autograd, registered for the emulated namespace too."""
     if _state["registered"]:
         return
-    try:  # TEMP until the restructure lands
-        from pyboundary.ops import _registrations
-    except ImportError:
-        return
+    from pyboundary.ops import _registrations
+
     _registrations.register(NAMESPACE)
     _state["registered"] = True
 

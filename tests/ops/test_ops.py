@@ -12,6 +12,7 @@ on "cuda" (a GPU), with the same assertions and tolerances.
 
 from __future__ import annotations
 
+import importlib.machinery
 import math
 import os
 import shutil
@@ -125,13 +126,17 @@ def test_force_reference_env():
 
 
 def test_missing_library_falls_back_with_one_warning(tmp_path):
-    # a copy of the whole package without the compiled library
+    """A wheel-like install without the compiled library: a copy of the whole package, imported
+    with site processing off (-S: no editable-install finder or .pth file), the dependencies'
+    site-packages on PYTHONPATH. Every module of the package imports, from the copy."""
     src = os.path.dirname(os.path.dirname(ops.__file__))
     shutil.copytree(src, tmp_path / "pyboundary", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    deps = sorted({os.path.dirname(os.path.dirname(m.__file__)) for m in (torch, np, scipy)})
     code = (
-        "import warnings, torch\n"
+        "import sys, warnings, torch\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
+        "    import pyboundary\n"
         "    from pyboundary import ops\n"
         "    x = torch.rand(2, 5, 6, dtype=torch.float64)\n"
         "    y = ops.idct2(ops.dct2(x)); ops.dct2(x)\n"
@@ -139,11 +144,48 @@ def test_missing_library_falls_back_with_one_warning(tmp_path):
         "assert torch.allclose(y, x, atol=1e-12)\n"
         "msgs = [str(m.message) for m in w if 'compiled ops unavailable' in str(m.message)]\n"
         "assert len(msgs) == 1, msgs\n"
+        "import importlib, pkgutil\n"
+        "for info in pkgutil.walk_packages(pyboundary.__path__, 'pyboundary.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "mods = [m for n, m in sys.modules.items() if n.split('.')[0] == 'pyboundary']\n"
+        "outside = [m.__name__ for m in mods if not m.__file__.startswith(sys.argv[1])]\n"
+        "assert len(mods) > 20 and not outside, (len(mods), outside)\n"
         "print('ok')\n"
     )
-    out = _run_python(code, cwd=str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYBOUNDARY_FORCE_REFERENCE", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *deps])
+    out = subprocess.run([sys.executable, "-S", "-W", "always", "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_loader_takes_the_library_built_for_this_interpreter(tmp_path):
+    """A stale build for another Python next to the right one never wins (nor alone)."""
+    from pyboundary.ops import _library
+
+    stale = tmp_path / "_C.cpython-30-x86_64-linux-gnu.so"  # sorts before any real suffix
+    stale.write_bytes(b"")
+    assert _library.find_library(str(tmp_path)) is None
+    right = tmp_path / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    right.write_bytes(b"")
+    assert _library.find_library(str(tmp_path)) == str(right)
+    if COMPILED:
+        assert ops.backend()["library"].endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_constants_are_the_python_constants():
+    """The push constants exist once in C++ (pyboundary_math.h) and once in Python
+    (pyboundary.ops); the library exposes its values, the schema default must agree."""
+    eps, abs_push = torch.ops.pyboundary._select_constants()
+    assert (eps, abs_push) == (ops.DEFAULT_SELECT_EPS, ops.SELECT_ABS_PUSH)
+    schema = torch.ops.pyboundary.deepfool_select.default._schema
+    assert {a.name: a.default_value for a in schema.arguments}["eps"] == eps
+    import inspect
+
+    for fn in (ops.deepfool_select, reference.deepfool_select):
+        assert inspect.signature(fn).parameters["eps"].default == eps
 
 
 # ---- dct2 / idct2 -------------------------------------------------------------------------
