@@ -3,6 +3,8 @@
 #   make test-slow   the slow-marked tests (subprocess, torchrun, kill-and-resume, real models)
 #   make demo        same setup, then `pyboundary demo`
 #   make bench       same setup, then the benchmarks (pytest-benchmark)
+#   make bench-gpu   on a machine with a CUDA GPU: the op, engine, scan and peer benchmarks with
+#                    --device cuda; fills the GPU section of benchmarks/README.md
 #   make cuda-check  compile the CUDA kernels against a CUDA torch in a second venv (no GPU needed)
 #   make cuda-emu    run the CUDA kernels on the host (tests/cuda_emu, AddressSanitizer): the op
 #                    tests on the emulated device and the emulator's own tests
@@ -16,7 +18,7 @@ PIP_QUIET ?= -q
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 
-.PHONY: test test-slow demo bench setup data cuda-check cuda-emu cmake-check ci clean-build
+.PHONY: test test-slow demo bench bench-gpu setup data cuda-check cuda-emu cmake-check ci clean-build
 
 test: setup data
 	@rc=0; $(VPY) -m pytest || rc=$$?; \
@@ -34,6 +36,9 @@ demo: setup data
 bench: setup data $(VENV)/.peers
 	$(VPY) -m pytest benchmarks -o python_files='bench_*.py' \
 	  --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+
+bench-gpu: setup data $(VENV)/.peers
+	$(VPY) benchmarks/run_gpu.py
 
 setup: $(VENV)/.pyboundary-built
 

@@ -87,6 +87,7 @@ def _outcome(model, x, y, adv, p):
 
 
 CLOCK = time.process_time
+DEVICE = torch.device("cpu")
 
 
 def _timed(fn, repeats):
@@ -94,6 +95,8 @@ def _timed(fn, repeats):
     for _ in range(repeats):
         t0 = CLOCK()
         out = fn()
+        if DEVICE.type == "cuda":  # asynchronous work counts until it has finished
+            torch.cuda.synchronize()
         best = min(best, CLOCK() - t0)
     return best, out
 
@@ -115,7 +118,7 @@ def ours(counted, x, y, p, clamp, prune, refine, batch_size, repeats):
 def foolbox_df(counted, x, y, p, bounds, batch_size, repeats):
     import foolbox as fb
 
-    fmodel = fb.PyTorchModel(counted, bounds=bounds)
+    fmodel = fb.PyTorchModel(counted, bounds=bounds, device=DEVICE)
     cls = fb.attacks.LinfDeepFoolAttack if math.isinf(p) else fb.attacks.L2DeepFoolAttack
     attack = cls(steps=50, candidates=10, overshoot=0.02, loss="logits")
 
@@ -159,9 +162,9 @@ def art_df(counted, x, y, p, clip, batch_size, repeats):
     from art.estimators.classification import PyTorchClassifier
 
     clf = PyTorchClassifier(model=counted, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                            nb_classes=10, clip_values=clip, device_type="cpu")
+                            nb_classes=10, clip_values=clip, device_type="gpu" if DEVICE.type == "cuda" else "cpu")
     attack = DeepFool(clf, max_iter=50, epsilon=0.02, nb_grads=10, batch_size=batch_size, verbose=False)
-    return (lambda: torch.from_numpy(attack.generate(x.numpy()))), 1
+    return (lambda: torch.from_numpy(attack.generate(x.cpu().numpy())).to(DEVICE)), 1
 
 
 def floor_time(model, x, trace, repeats):
@@ -191,26 +194,30 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats of the fast methods")
     ap.add_argument("--skip", default="", help="comma-separated peers to skip (foolbox,art,advlib,torchattacks)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                    help="process CPU time (default on cpu) or wall time (default, and forced, on cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model, inputs and every method)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global CLOCK
+    global CLOCK, DEVICE
+    DEVICE = torch.device(args.device)
+    args.clock = "wall" if DEVICE.type == "cuda" else (args.clock or "cpu")
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     from pyboundary import zoo as models
     from pyboundary.zoo import data
 
-    model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
+    model = models.reference_model("lenet", "fashion-mnist", progress=False).to(DEVICE).eval()
     ds = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0)
-    x = ds.x.float()
+    x = ds.x.float().to(DEVICE)
     with torch.no_grad():
         y = model(x).argmax(1)
-    acc = float((y == ds.labels).float().mean())
+    acc = float((y.cpu() == ds.labels).float().mean())
     counted = Counted(model).eval()
     n, bs, rep = x.shape[0], args.batch_size, args.repeats
     skip = set(filter(None, args.skip.split(",")))
     print(f"# model lenet/fashion-mnist (accuracy on these {n}: {acc:.3f}), batch {bs}, "
-          f"{args.threads} thread(s), {args.clock} time, torch {torch.__version__}", flush=True)
+          f"{args.threads} thread(s), {args.clock} time, device {DEVICE}, torch {torch.__version__}", flush=True)
 
     rows = []
 
@@ -267,8 +274,8 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
-            json.dump(dict(n=n, batch_size=bs, threads=args.threads, clock=args.clock, accuracy=acc,
-                       rows=rows), fh, indent=1)
+            json.dump(dict(n=n, batch_size=bs, threads=args.threads, clock=args.clock, device=str(DEVICE),
+                           accuracy=acc, rows=rows), fh, indent=1)
     return 0
 
 

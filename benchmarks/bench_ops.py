@@ -5,7 +5,8 @@ Run (from the repo root; `make bench` runs all benchmark files):
         --benchmark-group-by=group --benchmark-columns=min,median,rounds
 
 Each pytest-benchmark group holds the contenders of one comparison, so ratios are read within
-one run. float32, batch 64, CPU, threads = PYBOUNDARY_BENCH_THREADS (default 2).
+one run. float32, batch 64, on --device (default cpu; `--device cuda` times with a
+synchronisation after each call), threads = PYBOUNDARY_BENCH_THREADS (default 2).
 The dense basis for 224x224x3, K=16 is 150528 x 768 float32 (462 MB): built once per session.
 """
 
@@ -36,13 +37,21 @@ def _rounds(numel):
 
 
 def _run(benchmark, fn, *args, numel):
+    if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        inner = fn
+
+        def fn(*a):  # CUDA work is asynchronous: time it to completion
+            out = inner(*a)
+            torch.cuda.synchronize()
+            return out
+
     fn(*args)  # warm caches (DCT matrices) outside the timing
     benchmark.pedantic(fn, args=args, rounds=_rounds(numel), iterations=1, warmup_rounds=1)
 
 
-def _images(shape, seed=0):
+def _images(shape, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand((BATCH, *shape), generator=g)
+    return torch.rand((BATCH, *shape), generator=g).to(device)
 
 
 # ---- dct2 / idct2 ------------------------------------------------------------------------
@@ -51,36 +60,37 @@ def _images(shape, seed=0):
 @pytest.mark.parametrize("impl", ["compiled", "twin"])
 @pytest.mark.parametrize("op", ["dct2", "idct2"])
 @pytest.mark.parametrize("shape", SIZES, ids=_ids)
-def test_dct2(benchmark, op, impl, shape):
+def test_dct2(benchmark, bench_device, op, impl, shape):
     benchmark.group = f"{op} {_ids(shape)} b{BATCH}"
     fn = getattr(torch.ops.pyboundary, op) if impl == "compiled" else getattr(reference, op)
-    x = _images(shape)
+    x = _images(shape, device=bench_device)
     _run(benchmark, fn, x, numel=x.numel())
 
 
 # ---- block analysis / synthesis -------------------------------------------------------------
 
 
-def _origins(shape, k, seed=1):
+def _origins(shape, k, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h, w = shape[1], shape[2]
-    return torch.randint(0, h - k + 1, (BATCH,), generator=g), torch.randint(0, w - k + 1, (BATCH,), generator=g)
+    return (torch.randint(0, h - k + 1, (BATCH,), generator=g).to(device),
+            torch.randint(0, w - k + 1, (BATCH,), generator=g).to(device))
 
 
 @pytest.mark.parametrize("impl", ["compiled", "twin"])
 @pytest.mark.parametrize("op", ["dct_block_analysis", "dct_block_synthesis"])
 @pytest.mark.parametrize("k", BLOCKS)
 @pytest.mark.parametrize("shape", SIZES, ids=_ids)
-def test_block_op(benchmark, op, impl, k, shape):
+def test_block_op(benchmark, bench_device, op, impl, k, shape):
     """Per-sample origins (each sample its own block)."""
     benchmark.group = f"{op} {_ids(shape)} K{k} b{BATCH}"
     fn = getattr(torch.ops.pyboundary, op) if impl == "compiled" else getattr(reference, op)
-    row0, col0 = _origins(shape, k)
+    row0, col0 = _origins(shape, k, device=bench_device)
     if op == "dct_block_analysis":
-        x = _images(shape)
+        x = _images(shape, device=bench_device)
         _run(benchmark, fn, x, row0, col0, k, k, numel=x.numel())
     else:
-        coeffs = _images((shape[0], k, k))
+        coeffs = _images((shape[0], k, k), device=bench_device)
         _run(benchmark, fn, coeffs, row0, col0, shape[1], shape[2], numel=BATCH * shape[0] * shape[1] * shape[2])
 
 
@@ -123,12 +133,12 @@ def _project_dense(x, basis):
 @pytest.mark.parametrize("impl", ["compiled", "twin", "dense-basis"])
 @pytest.mark.parametrize("k", BLOCKS)
 @pytest.mark.parametrize("shape", SIZES, ids=_ids)
-def test_block_projection(benchmark, impl, k, shape):
+def test_block_projection(benchmark, bench_device, impl, k, shape):
     benchmark.group = f"projection {_ids(shape)} K{k} b{BATCH}"
-    x = _images(shape)
-    org = torch.full((BATCH,), _block_origin(shape, k), dtype=torch.int64)
+    x = _images(shape, device=bench_device)
+    org = torch.full((BATCH,), _block_origin(shape, k), dtype=torch.int64, device=bench_device)
     if impl == "dense-basis":
-        basis = _dense_basis(shape, k)
+        basis = _dense_basis(shape, k).to(bench_device)
         want = _project_ops(torch.ops.pyboundary.dct_block_analysis, torch.ops.pyboundary.dct_block_synthesis)(x, org, org, k)
         assert torch.allclose(_project_dense(x, basis), want, atol=1e-4)
         _run(benchmark, _project_dense, x, basis, numel=x.numel())
@@ -144,10 +154,10 @@ def test_block_projection(benchmark, impl, k, shape):
 @pytest.mark.parametrize("impl", ["compiled", "twin"])
 @pytest.mark.parametrize("p", [2.0, float("inf")], ids=["p2", "pinf"])
 @pytest.mark.parametrize("k,m", [(10, 3 * 32 * 32), (9, 3 * 16 * 16), (10, 28 * 28)])
-def test_deepfool_select(benchmark, impl, p, k, m):
+def test_deepfool_select(benchmark, bench_device, impl, p, k, m):
     benchmark.group = f"deepfool_select k{k} M{m} {'p2' if p == 2 else 'pinf'} b{BATCH}"
     g = torch.Generator().manual_seed(3)
-    gap = -torch.rand(BATCH, k, generator=g)
-    grad = torch.randn(BATCH, k, m, generator=g)
+    gap = (-torch.rand(BATCH, k, generator=g)).to(bench_device)
+    grad = torch.randn(BATCH, k, m, generator=g).to(bench_device)
     fn = torch.ops.pyboundary.deepfool_select if impl == "compiled" else reference.deepfool_select
     _run(benchmark, fn, gap, grad, p, 1e-4, numel=grad.numel())

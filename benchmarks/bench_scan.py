@@ -90,7 +90,7 @@ def run_published(model, x, family, n_images):
     margins = torch.empty(n_images, family.n_members)
     with model_guard(model):
         for j in range(family.n_members):
-            basis = dense_basis(family, j)
+            basis = dense_basis(family, j).to(x.device)
             for i in range(n_images):
                 margins[i, j] = published_subspace_deepfool(model, x[i:i + 1], basis)
     return margins
@@ -102,25 +102,29 @@ def _timed(fn):
     load-independent comparison (wall and CPU figures are both reported)."""
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 2),
-            arch="lenet", dataset="fashion-mnist", K=8, refine=True):
+            arch="lenet", dataset="fashion-mnist", K=8, refine=True, device="cpu"):
     """Throughput of both methods at each thread count; the speed-up compares the best of each
-    (the per-image method is made of tiny ops that often run faster on one thread)."""
-    model = models.reference_model(arch, dataset, progress=False)
+    (the per-image method is made of tiny ops that often run faster on one thread). On a GPU
+    (device='cuda') both run there and only the wall-time figures mean anything."""
+    model = models.reference_model(arch, dataset, progress=False).to(device)
     ds = data.load_dataset(dataset, split="test", limit=n_ours, seed=0)
-    family = DCTDiagonal(tuple(ds.x.shape[1:]), K=K, T=1)
-    margin_scan(model, ds.x[:4], family, batch_size=batch_size, progress=False)  # warm-up
+    x = ds.x.to(device)
+    family = DCTDiagonal(tuple(x.shape[1:]), K=K, T=1)
+    margin_scan(model, x[:4], family, batch_size=batch_size, progress=False)  # warm-up
     before = torch.get_num_threads()
     rows = {}
     try:
         for t in threads:
             torch.set_num_threads(t)
-            ours, t_ours, c_ours = _timed(lambda: margin_scan(model, ds.x, family, batch_size=batch_size,
+            ours, t_ours, c_ours = _timed(lambda: margin_scan(model, x, family, batch_size=batch_size,
                                                               refine=refine, progress=False))
-            pub, t_pub, c_pub = _timed(lambda: run_published(model, ds.x, family, n_published))
+            pub, t_pub, c_pub = _timed(lambda: run_published(model, x, family, n_published))
             rows[t] = (ours.margins.numel() / t_ours, pub.numel() / t_pub,
                        ours.margins.numel() / c_ours, pub.numel() / c_pub)
     finally:
@@ -130,7 +134,7 @@ def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 
     best_ours, best_pub = max(r[0] for r in rows.values()), max(r[1] for r in rows.values())
     cpu1 = rows.get(1)
     return {
-        "case": f"{arch} {dataset} {family.spec}" + ("" if refine else " (ours unrefined, like the published method)"),
+        "case": f"{arch} {dataset} {family.spec} on {device}" + ("" if refine else " (ours unrefined, like the published method)"),
         "backend": ops.backend()["ops"],
         "pairs_ours": ours.margins.numel(), "pairs_published": pub.numel(),
         "by_threads": {t: {"ours": r[0], "published": r[1], "ours_cpu": r[2], "published_cpu": r[3]}
@@ -183,6 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--K", type=int, default=8, help="DCT block size (stride 1)")
     parser.add_argument("--no-refine", action="store_true",
                         help="run our scan unrefined, like the published method (like-for-like passes)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (model, images and both methods)")
     a = parser.parse_args()
     print(_format(measure(a.n, a.n_published, a.batch_size, tuple(a.threads), a.arch, a.dataset, a.K,
-                          refine=not a.no_refine)))
+                          refine=not a.no_refine, device=a.device)))

@@ -197,7 +197,8 @@ DCT_SHAPES = [(28, 28), (32, 32), (224, 224), (7, 13), (3, 7, 13), (2, 3, 28, 28
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("shape", DCT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+# tolerances: ~5x (float32) and ~10x (float64) the largest error measured on cpu and cuda_emu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
 def test_dct2_matches_scipy(shape, dtype, tol, device):
     x = _rand(*shape, dtype=dtype, seed=1, device=device)
     xn = x.double().cpu().numpy()
@@ -216,12 +217,12 @@ def test_dct2_matches_scipy(shape, dtype, tol, device):
 def test_dct2_round_trip_and_parseval(device, hw):
     x = _rand(3, 2, *hw, seed=2, device=device)
     y = ops.dct2(x)
-    assert torch.allclose(ops.idct2(y), x, rtol=0, atol=1e-13)
-    assert torch.allclose(ops.dct2(ops.idct2(x)), x, rtol=0, atol=1e-13)
+    assert torch.allclose(ops.idct2(y), x, rtol=0, atol=3e-14)
+    assert torch.allclose(ops.dct2(ops.idct2(x)), x, rtol=0, atol=3e-14)
     # Parseval per image: the transform is orthonormal.
-    assert torch.allclose(y.square().sum((-2, -1)), x.square().sum((-2, -1)), rtol=1e-13)
+    assert torch.allclose(y.square().sum((-2, -1)), x.square().sum((-2, -1)), rtol=4e-15, atol=0)
     # frequency (0, 0) is the mean times sqrt(H W)
-    assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)) * math.sqrt(hw[0] * hw[1]), rtol=1e-12)
+    assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)) * math.sqrt(hw[0] * hw[1]), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -230,8 +231,8 @@ def test_dct2_noncontiguous(device):
     x = base.permute(0, 2, 3, 1)[..., ::2]  # (2, 3, 11, 7), non-contiguous
     assert not x.is_contiguous()
     want = scipy.fft.dctn(x.cpu().numpy(), type=2, norm="ortho", axes=(-2, -1))
-    assert _rel(ops.dct2(x), want) < 1e-12
-    assert _rel(ops.idct2(ops.dct2(x)), x) < 1e-12
+    assert _rel(ops.dct2(x), want) < 1e-14
+    assert _rel(ops.idct2(ops.dct2(x)), x) < 1e-14
 
 
 # ---- block ops -----------------------------------------------------------------------------
@@ -265,9 +266,9 @@ def test_block_ops_match_dense_basis(case, device):
         basis = _block_basis(H, W, int(row0[i]), int(col0[i]), kh, kw)
         xi = x[i].reshape(C, H * W).cpu().numpy()
         want_c = (xi @ basis).reshape(C, kh, kw)
-        np.testing.assert_allclose(coeffs[i].cpu().numpy(), want_c, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(coeffs[i].cpu().numpy(), want_c, rtol=0, atol=1e-13)
         want_p = (xi @ basis @ basis.T).reshape(C, H, W)
-        np.testing.assert_allclose(proj[i].cpu().numpy(), want_p, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(proj[i].cpu().numpy(), want_p, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -275,10 +276,10 @@ def test_block_ops_float32_close_to_float64(device):
     x, row0, col0, kh, kw = _case((3, 32, 32, 8, 8, (0, 24, 9), (24, 0, 17)), device=device)
     c64 = ops.dct_block_analysis(x, row0, col0, kh, kw)
     c32 = ops.dct_block_analysis(x.float(), row0, col0, kh, kw)
-    assert c32.dtype == torch.float32 and _rel(c32, c64) < 1e-5
+    assert c32.dtype == torch.float32 and _rel(c32, c64) < 1e-6
     s64 = ops.dct_block_synthesis(c64, row0, col0, 32, 32)
     s32 = ops.dct_block_synthesis(c64.float(), row0, col0, 32, 32)
-    assert s32.dtype == torch.float32 and _rel(s32, s64) < 1e-5
+    assert s32.dtype == torch.float32 and _rel(s32, s64) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -288,7 +289,7 @@ def test_block_analysis_is_the_dct2_window(device):
     got = ops.dct_block_analysis(x, row0, col0, kh, kw)
     for i in range(x.shape[0]):
         r, c = int(row0[i]), int(col0[i])
-        assert torch.allclose(got[i], full[i, :, r : r + kh, c : c + kw], rtol=0, atol=1e-12)
+        assert torch.allclose(got[i], full[i, :, r : r + kh, c : c + kw], rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -302,15 +303,15 @@ def test_block_adjoint_idempotent_norm(case, device):
     # <A x, y> = <x, A* y> per sample
     lhs = (ax * y).sum((1, 2, 3))
     rhs = (x * asy).sum((1, 2, 3))
-    assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(lhs, rhs, rtol=0, atol=1e-14)
     proj = ops.dct_block_synthesis(ax, row0, col0, H, W)
     proj2 = ops.dct_block_synthesis(ops.dct_block_analysis(proj, row0, col0, kh, kw), row0, col0, H, W)
-    assert torch.allclose(proj2, proj, rtol=0, atol=1e-12)
+    assert torch.allclose(proj2, proj, rtol=0, atol=1e-14)
     # projected norm = coefficient norm (orthonormal rows); the residual is orthogonal
-    assert torch.allclose(proj.flatten(1).norm(dim=1), ax.flatten(1).norm(dim=1), rtol=1e-12)
-    assert ((x - proj) * proj).sum((1, 2, 3)).abs().max() < 1e-11
+    assert torch.allclose(proj.flatten(1).norm(dim=1), ax.flatten(1).norm(dim=1), rtol=2e-15, atol=0)
+    assert ((x - proj) * proj).sum((1, 2, 3)).abs().max() < 1e-13
     # synthesis then analysis is the identity on coefficients
-    assert torch.allclose(ops.dct_block_analysis(asy, row0, col0, kh, kw), y, atol=1e-12)
+    assert torch.allclose(ops.dct_block_analysis(asy, row0, col0, kh, kw), y, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -322,7 +323,7 @@ def test_block_ops_noncontiguous(device):
     assert not r_big.is_contiguous()
     want = ops.dct_block_analysis(x, row0, col0, kh, kw)
     got = ops.dct_block_analysis(xt, r_big, col0, kh, kw)
-    assert torch.allclose(got, want, rtol=0, atol=1e-13)
+    assert torch.equal(got, want)  # the kernels read a contiguous copy: the same numbers
     ct = want.transpose(0, 1).contiguous().transpose(0, 1)
     assert not ct.is_contiguous()
     assert torch.allclose(
@@ -337,10 +338,10 @@ def test_many_sizes_survive_matrix_cache_eviction(device):
     """More distinct DCT sizes than the kernels' matrix cache holds: every result stays right."""
     for n in range(3, 45):
         x = _rand(2, 1, n, n + 2, seed=n, dtype=torch.float32, device=device)
-        assert _rel(ops.dct2(x), reference.dct2(x)) < 1e-6
-        assert _rel(ops.idct2(x), reference.idct2(x)) < 1e-6
+        assert _rel(ops.dct2(x), reference.dct2(x)) < 2e-6
+        assert _rel(ops.idct2(x), reference.idct2(x)) < 2e-6
         r, c = _origins(0, n - 2, device=device), _origins(n, 1, device=device)
-        assert _rel(ops.dct_block_analysis(x, r, c, 2, 2), reference.dct_block_analysis(x, r, c, 2, 2)) < 1e-6
+        assert _rel(ops.dct_block_analysis(x, r, c, 2, 2), reference.dct_block_analysis(x, r, c, 2, 2)) < 2e-6
 
 
 # Inputs above every at::parallel_for grain of the CPU kernels (csrc/cpu: block_grain = 2^20 /
@@ -451,8 +452,8 @@ def test_select_matches_hand_computation(p, k, device):
     want_s, want_i, want_d = _select_by_hand(gap, grad, p, eps)
     assert step.shape == (6, 11) and index.dtype == torch.int64 and dist.shape == (6,)
     np.testing.assert_array_equal(index.cpu().numpy(), want_i)
-    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-12)
-    np.testing.assert_allclose(step.cpu().numpy(), want_s, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=2e-15)
+    np.testing.assert_allclose(step.cpu().numpy(), want_s, rtol=2e-15, atol=0)
     assert torch.isfinite(step).all()
     if k == 4:
         assert index[1] != 3  # the zero-norm candidate is never chosen
@@ -470,12 +471,12 @@ def test_select_lands_just_past_linearised_boundary(p, device):
     gap_c = gap.gather(1, index[:, None])[:, 0]
     landed = gap_c + (g * step).sum(1)
     # gap + <g, step> = eps (|gap| + 1e-3): just past the boundary, never before it
-    assert torch.allclose(landed, eps * (gap_c.abs() + 1e-3), rtol=1e-9, atol=1e-14)
+    assert torch.allclose(landed, eps * (gap_c.abs() + 1e-3), rtol=5e-11, atol=0)
     assert (landed > 0).all()
     # the step length in the dual norm is the distance, up to the push
     size = step.norm(dim=1) if p == 2 else step.abs().amax(dim=1)
     assert torch.allclose(size, dist * (1 + eps) + 1e-3 * eps / (g.norm(dim=1) if p == 2 else g.abs().sum(1)),
-                          rtol=1e-10)
+                          rtol=3e-15, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -498,8 +499,8 @@ def test_select_float32_and_noncontiguous(device):
         assert step.dtype == torch.float32 and dist.dtype == torch.float32
         want_s, want_i, want_d = _select_by_hand(gap, grad, p, 1e-4)
         np.testing.assert_array_equal(index.cpu().numpy(), want_i)
-        np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-6)
-        np.testing.assert_allclose(step.cpu().numpy(), want_s, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=3e-7)
+        np.testing.assert_allclose(step.cpu().numpy(), want_s, rtol=4e-7, atol=0)
 
 
 def _near_tie_inputs(n=24, m=4096, seed=0):
@@ -575,7 +576,7 @@ def test_dct2_accuracy_independent_of_tf32_settings(precision, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_matches_twins(dtype):
     P = torch.ops.pyboundary
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    tol = 1e-6 if dtype == torch.float32 else 3e-14
     x = _rand(4, 3, 32, 24, dtype=dtype, seed=11)
     assert _rel(P.dct2(x), reference.dct2(x)) < tol
     assert _rel(P.idct2(x), reference.idct2(x)) < tol
@@ -747,7 +748,7 @@ def test_cuda_kernels_match_the_cpu_kernels(device):
     x = _rand(4, 3, 40, 36, seed=51)
     row0, col0 = _origins(0, 32, 5, 20), _origins(28, 0, 9, 14)
     rd, cd = row0.to(device), col0.to(device)
-    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 5e-15)):
         xd = x.to(dtype)
         c_cpu = CPU_OPS.dct_block_analysis(xd, row0, col0, 8, 8)
         c_dev = ops.dct_block_analysis(xd.to(device), rd, cd, 8, 8)
