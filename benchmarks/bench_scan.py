@@ -123,7 +123,8 @@ def measure(n_ours=N_OURS, n_published=N_PUBLISHED, batch_size=512, threads=(1, 
         for t in threads:
             torch.set_num_threads(t)
             ours, t_ours, c_ours = _timed(lambda: margin_scan(model, x, family, batch_size=batch_size,
-                                                              refine=refine, progress=False))
+                                                              deepfool_kwargs={"refine": refine},
+                                                              progress=False))
             pub, t_pub, c_pub = _timed(lambda: run_published(model, x, family, n_published))
             rows[t] = (ours.margins.numel() / t_ours, pub.numel() / t_pub,
                        ours.margins.numel() / c_ours, pub.numel() / c_pub)

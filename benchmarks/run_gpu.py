@@ -108,16 +108,16 @@ def main(argv=None) -> int:
         ops_cmd += ["-k", "28x28 and not dense"]
     rc, _ = _run(ops_cmd, out / "bench_ops.log", args.timeout)
     if rc == 0:
-        sections.append("Compiled ops vs twins (`bench_ops.py --device cuda`, min over rounds, each call "
-                        "timed to completion):\n\n" + ops_table(out / "bench_ops.json"))
+        sections.append(f"Compiled ops vs twins (`bench_ops.py --device {args.device}`, min over rounds, each "
+                        "call timed to completion):\n\n" + ops_table(out / "bench_ops.json"))
     else:
         failed.append("bench_ops.py")
 
     steps = [
         ("strategy_deepfool.py", "grad_strategy 'loop' vs 'batched' (`strategy_deepfool.py`, LeNet / "
-         "Fashion-MNIST, batch 100, wall time)",
+         "Fashion-MNIST, batch 100; wall time on cuda)",
          [py, "benchmarks/strategy_deepfool.py", f"--device={args.device}", f"--n={n}"]),
-        ("bench_deepfool.py", "Engine vs peers (`bench_deepfool.py`, wall time)",
+        ("bench_deepfool.py", "Engine vs peers (`bench_deepfool.py`; wall time on cuda)",
          [py, "benchmarks/bench_deepfool.py", f"--device={args.device}", f"--n={n}", "--repeats=3",
           f"--json={out / 'bench_deepfool.json'}"] + (["--skip=art,torchattacks"] if args.quick else [])),
         ("bench_scan.py", "Margin scan vs the published per-image method (`bench_scan.py`, wall time; "
