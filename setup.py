@@ -1,7 +1,9 @@
 """Build of the compiled ops library ``pyboundary/_C*.so``.
 
 The library is a plain shared library that registers ``torch.ops.pyboundary.*`` when loaded
-with ``torch.ops.load_library`` (see pyboundary/ops.py); it has no Python module init.
+with ``torch.ops.load_library`` (see pyboundary/ops/_library.py); it has no Python module init.
+Sources: csrc/*.cpp (schemas, checks, DCT matrices) and csrc/cpu/*.cpp, plus csrc/cuda/*.cu when
+the CUDA kernels are built; each kernel file registers its own ops.
 
 Switches (environment variables):
   PYBOUNDARY_CUDA=1 / 0   force / forbid the CUDA kernels. Default: built when

@@ -13,6 +13,7 @@ on "cuda" (a GPU), with the same assertions and tolerances.
 from __future__ import annotations
 
 import importlib.machinery
+import inspect
 import math
 import os
 import shutil
@@ -182,8 +183,6 @@ def test_compiled_constants_are_the_python_constants():
     assert (eps, abs_push) == (ops.DEFAULT_SELECT_EPS, ops.SELECT_ABS_PUSH)
     schema = torch.ops.pyboundary.deepfool_select.default._schema
     assert {a.name: a.default_value for a in schema.arguments}["eps"] == eps
-    import inspect
-
     for fn in (ops.deepfool_select, reference.deepfool_select):
         assert inspect.signature(fn).parameters["eps"].default == eps
 
