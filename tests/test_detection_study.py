@@ -132,3 +132,15 @@ def test_study_errors():
         detection_study(model, x, fpr=1.5, clamp=None, progress=False)
     with pytest.raises(ValueError, match="names"):
         detection_study(model, x, names=["a"], clamp=None, progress=False)
+
+
+def test_noise_control_only_where_asked():
+    model = TwoParaboloids().double()
+    x = clean_points(8, seed=1).double()
+    st = detection_study(model, x, alphas=(1.0, 2.0), noise_alphas=(2.0,), n_dirs=2, h_rel=0.05, clamp=None,
+                         n_bootstrap=10, progress=False)
+    assert np.isnan(st.noise_score[0]).all() and np.isfinite(st.noise_score[1]).all()
+    assert math.isnan(st.summary()["alphas"][0]["noise_auc_vs_perturbed"])
+    assert st.cost["scorings_per_input"] == 4
+    with pytest.raises(ValueError, match="noise_alphas"):
+        detection_study(model, x, alphas=(1.0,), noise_alphas=(3.0,), clamp=None, progress=False)

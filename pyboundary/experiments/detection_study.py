@@ -334,6 +334,7 @@ def detection_study(
     seed: int = 0,
     batch_size: int | None = None,
     n_bootstrap: int = 2000,
+    noise_alphas=None,
     names=None,
     deepfool_kwargs: dict | None = None,
     progress: bool = True,
@@ -352,6 +353,8 @@ def detection_study(
         seed: seeds the halves, the noise, the detector's directions and the bootstrap.
         batch_size: model rows per call of the detector (None: automatic).
         n_bootstrap: bootstrap resamples of the AUC interval.
+        noise_alphas: the alphas that get a noise control (None: all; each costs one scoring per
+            input); the noise entries of the others are NaN.
         names: optional N labels of the inputs (kept in the result).
         deepfool_kwargs: extra arguments of :func:`pyboundary.deepfool`.
         progress: show a tqdm bar over the scoring.
@@ -407,9 +410,14 @@ def detection_study(
                             batch_size=batch_size, top_classes=top_classes)
     idx_ok = ok.nonzero().squeeze(1)
     groups = [("clean", x, torch.arange(n))]
+    noise_alphas = alphas if noise_alphas is None else tuple(float(a) for a in noise_alphas)
+    if not set(noise_alphas) <= set(alphas):
+        raise ValueError(f"noise_alphas must be a subset of alphas {alphas}, got {noise_alphas}")
+    empty = idx_ok[:0]
     for a in range(len(alphas)):
         groups.append((f"pert{a}", pert[a][idx_ok], idx_ok))
-        groups.append((f"noise{a}", noisy[a][idx_ok], idx_ok))
+        keep = idx_ok if alphas[a] in noise_alphas else empty
+        groups.append((f"noise{a}", noisy[a][keep], keep))
     total = sum(int(g[1].shape[0]) for g in groups)
     scored = {}
     t_score = time.process_time()
@@ -440,7 +448,7 @@ def detection_study(
         "forward_rows_per_scoring": det.n_forward / max(det.n_scored, 1),
         "backward_rows_per_scoring": det.n_backward / max(det.n_scored, 1),
         "cpu_s_per_scoring": score_cpu / max(total, 1),
-        "scorings_per_input": 1 + 2 * A,
+        "scorings_per_input": 1 + A + len(noise_alphas),
         "deepfool_cpu_s_per_input": df_cpu / n,
         "deepfool_forward_rows": int(_count(adv.n_forward)), "deepfool_backward_rows": int(_count(adv.n_backward)),
         "cpu_s_per_input": (df_cpu + score_cpu) / n,
@@ -452,7 +460,7 @@ def detection_study(
     half[order[n // 2:].numpy()] = 1
     params = {"n_dirs": n_dirs, "h": h, "h_rel": h_rel, "top_classes": top_classes, "estimator": estimator,
               "fpr": fpr, "clamp": list(clamp) if clamp is not None else None, "overshoot": overshoot,
-              "seed": seed, "n_bootstrap": n_bootstrap, "batch_size": batch_size, "n_classes_scored": j}
+              "seed": seed, "n_bootstrap": n_bootstrap, "noise_alphas": list(noise_alphas), "batch_size": batch_size, "n_classes_scored": j}
     return DetectionStudy(
         alphas=alphas, predicted=predicted.cpu().numpy(), margin=margin.double().cpu().numpy(), half=half,
         clean_score=clean_s, clean_kappa=clean_k, clean_classes=clean_c,
