@@ -9,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Affine", "affine_margin", "BinaryAffine", "Quadric", "Annulus", "TwoSlabs", "TwoParaboloids"]
+__all__ = ["Affine", "affine_margin", "BinaryAffine", "Quadric", "Annulus", "TwoSlabs", "TwoParaboloids",
+           "CurvedRegion"]
 
 
 class Affine(nn.Module):
@@ -135,3 +136,48 @@ class TwoParaboloids(nn.Module):
         f1 = x1 - 1 - 0.5 * self.a * y2
         f2 = -x1 - 1 - 0.5 * self.a * y2
         return torch.stack([torch.zeros_like(x1), f1, f2], 1)
+
+
+class CurvedRegion(nn.Module):
+    """Two classes; class 0 is a curved region given by a signed distance F (> 0 inside):
+
+    * 'annulus': r1 < r < r2 in the first two coordinates (F = min(r - r1, r2 - r));
+    * 'ball-exterior': ||x|| > 1 (F = ||x|| - 1);
+    * 'crescent': inside the disk of radius 2 about 0 and outside the disk of radius 1.5 about
+      (0.8, 0), first two coordinates.
+
+    The logit gap is g(F) for a ``transform`` g that keeps the sign, so every transform has the
+    same region: 'x<c>' (c F, e.g. 'x1e-3'), 'square' (F |F|), 'cube' (F^3), 'sdf' (F itself).
+    """
+
+    def __init__(self, kind: str = "annulus", transform: str = "sdf", r1: float = 1.0, r2: float = 2.0):
+        super().__init__()
+        self.kind, self.transform, self.r1, self.r2 = kind, transform, r1, r2
+
+    def signed_distance(self, x):
+        z = x.flatten(1)
+        if self.kind == "annulus":
+            r = z[:, :2].norm(dim=1)
+            return torch.minimum(r - self.r1, self.r2 - r)
+        if self.kind == "ball-exterior":
+            return z.norm(dim=1) - 1.0
+        if self.kind == "crescent":
+            outer = 2.0 - z[:, :2].norm(dim=1)
+            inner = (z[:, :2] - torch.tensor([0.8, 0.0], dtype=z.dtype)).norm(dim=1) - 1.5
+            return torch.minimum(outer, inner)
+        raise ValueError(f"unknown kind {self.kind!r}")
+
+    def forward(self, x):
+        f = self.signed_distance(x)
+        t = self.transform
+        if t.startswith("x"):
+            g = float(t[1:]) * f
+        elif t == "square":
+            g = f * f.abs()
+        elif t == "cube":
+            g = f ** 3
+        elif t == "sdf":
+            g = f
+        else:
+            raise ValueError(f"unknown transform {t!r}")
+        return torch.stack([g, torch.zeros_like(g)], 1)

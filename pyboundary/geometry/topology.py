@@ -21,13 +21,14 @@ from .._utils.model import CallCounter, model_guard, predict
 from .._utils.results import Result
 from .._utils.rng import make_generator
 from .._utils.stats import summarize
-from .._utils.validation import check_finite, check_int
+from .._utils.validation import check_finite, check_int, check_number
 from ..attacks.deepfool import deepfool
 
 __all__ = [
     "predict",
     "first_crossing",
     "PathResult",
+    "DEFAULT_PUSH_DEPTH",
     "find_path",
     "path_connectivity",
     "ConvexResult",
@@ -151,20 +152,58 @@ def _check_sample_pair(x1, x2) -> None:
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
 
 
-def _push_into(model, pts: Tensor, label: int, deepfool_kwargs: dict, counter: CallCounter) -> tuple[Tensor, Tensor]:
-    """Targeted DeepFool: move each point (B, ...) into class ``label``; returns (points, converged).
+#: Default depth inside the region at which :func:`find_path` places a repaired midpoint, as a
+#: fraction of the length of the segment being repaired (``push_depth``).
+DEFAULT_PUSH_DEPTH = 0.1
+#: Precision of the boundary crossing along the push direction, relative to the target depth.
+_CROSSING_TOL = 0.01
 
-    Unrefined by default (``refine=False``): the point lands past the boundary by the overshoot
-    (2 % of the perturbation), not on it, so that segments from it are not born grazing the
-    boundary. ``deepfool_kwargs`` override these defaults."""
+
+def _push_into(model, mids: Tensor, depth: Tensor, label: int, deepfool_kwargs: dict, batch_size: int,
+               counter: CallCounter) -> tuple[Tensor, Tensor]:
+    """Move points (B, ...) outside the region of ``label`` to the depth ``depth`` (B,) inside it.
+
+    1. Targeted DeepFool (``pyboundary.deepfool(..., target=label)``, L2, unrefined, overshoot
+       0.02; ``deepfool_kwargs`` override) gives a direction d = delta / ||delta|| into the region.
+    2. Bisection on the predicted labels along d locates the boundary crossing t_b (to 1 % of the
+       depth).
+    3. The point goes on along d to t_b + depth, or to the middle of the chord when the ray leaves
+       the region again before that (:func:`first_crossing`).
+    Steps 2-3 use predicted labels only, so where the point lands depends on the region, not on
+    the scale of the logits (DeepFool supplies a direction; its own landing point does not count).
+    Returns (points (B, ...), ok (B,) bool: DeepFool converged and the point is in the region).
+    """
     kw = {"p": 2, "overshoot": 0.02, "max_iter": 50, "refine": False}
     kw.update(deepfool_kwargs)
-    target = torch.full((pts.shape[0],), int(label), dtype=torch.int64, device=pts.device)
-    res = deepfool(model, pts, target=target, **kw)
+    n = mids.shape[0]
+    target = torch.full((n,), int(label), dtype=torch.int64, device=mids.device)
+    with torch.enable_grad():
+        res = deepfool(model, mids, target=target, **kw)
     for name in ("n_forward", "n_backward"):
         val = getattr(res, name, 0)
         counter.calls += int(val.max()) if isinstance(val, Tensor) and val.numel() else int(val or 0)
-    return (pts + res.perturbation.to(pts.dtype)).detach(), res.converged.to(torch.bool)
+    delta = res.perturbation.to(mids.dtype).detach()
+    reach = delta.flatten(1).norm(dim=1)
+    ok = res.converged.to(torch.bool) & (reach > 0)
+    ok &= predict(model, mids + delta, batch_size=batch_size, counter=counter) == label
+    d = delta / _bcast(reach.clamp_min(torch.finfo(mids.dtype).tiny), delta)
+    depth = depth.to(reach.dtype)
+    # bisection: lo outside, hi inside, until hi - lo <= tol * depth
+    lo, hi = torch.zeros_like(reach), reach.clone()
+    need = torch.log2((reach / (_CROSSING_TOL * depth)).clamp_min(1.0)).ceil()
+    for _ in range(min(int(need[ok].max()) if bool(ok.any()) else 0, 64)):
+        mid = (lo + hi) / 2
+        inside = predict(model, mids + _bcast(mid, mids) * d, batch_size=batch_size, counter=counter) == label
+        hi, lo = torch.where(inside, mid, hi), torch.where(inside, lo, mid)
+    start = mids + _bcast(hi, mids) * d
+    step = torch.zeros_like(reach)
+    if bool(ok.any()):
+        exit_dist = first_crossing(model, start[ok], d[ok], target[ok], depth[ok], n_grid=8, n_bisect=10,
+                                   batch_size=batch_size, counter=counter)
+        step[ok] = torch.minimum(depth[ok], exit_dist.to(step.dtype) / 2)
+    out = (start + _bcast(step, start) * d).detach()
+    ok &= predict(model, out, batch_size=batch_size, counter=counter) == label
+    return out, ok
 
 
 def _segments_ok(model, a: Tensor, b: Tensor, label: int, n_check: int, batch_size: int, counter) -> Tensor:
@@ -185,14 +224,20 @@ def find_path(
     n_check: int = 16,
     batch_size: int | None = None,
     deepfool_kwargs: dict | None = None,
+    push_depth: float = DEFAULT_PUSH_DEPTH,
 ) -> PathResult:
     """Search a piecewise-linear path from x1 to x2 inside the classification region of x1.
 
     The recursive-midpoint search of Fawzi et al. (2018), run breadth first so that each level is
     batched: every segment not yet verified is checked by evaluating ``n_check`` equally spaced
     interior points; each failing segment is split at its midpoint, and a midpoint outside the
-    region is moved back into it with the smallest perturbation found by targeted DeepFool
-    (``pyboundary.deepfool(..., target=label)``). Verified segments are kept. The search stops
+    region is moved back into it along the direction of targeted DeepFool
+    (``pyboundary.deepfool(..., target=label)``), to a depth inside the region of ``push_depth``
+    times the length of its segment (less where the region is thinner along that direction; see
+    :func:`_push_into`). The depth scales with the segment, so chords between repaired points do
+    not graze a curved boundary at every level, and only predicted labels fix where a point
+    lands: the outcome depends on the region, not on how its logits are scaled. Verified
+    segments are kept. The search stops
     with ``valid=True`` when all segments pass, and with ``valid=False`` at ``max_depth`` or when
     a midpoint cannot be pushed back. Validity is verified by sampling: a region thinner than
     the sample spacing can be crossed unseen.
@@ -203,7 +248,10 @@ def find_path(
             class (push x2 into the region first, e.g. with targeted DeepFool).
         max_depth: number of subdivision levels (>= 0); at most 2^max_depth segments.
         n_check: interior points sampled per segment (>= 1).
-        deepfool_kwargs: extra arguments of the targeted DeepFool (default p=2, overshoot=0.02).
+        deepfool_kwargs: extra arguments of the targeted DeepFool (default p=2, overshoot=0.02,
+            unrefined): it only supplies the direction of the push.
+        push_depth: depth of a repaired midpoint inside the region as a fraction of its segment's
+            length, in (0, 1] (default :data:`DEFAULT_PUSH_DEPTH`).
     Returns:
         :class:`PathResult`.
     """
@@ -211,6 +259,7 @@ def find_path(
     _check_sample_pair(x1, x2)
     max_depth = check_int("max_depth", max_depth, minimum=0)
     n_check = check_int("n_check", n_check, minimum=1)
+    push_depth = check_number("push_depth", push_depth, minimum=0, maximum=1, strict_minimum=True)
     counter = CallCounter()
     dkw = dict(deepfool_kwargs or {})
     with model_guard(model):
@@ -246,13 +295,13 @@ def find_path(
                 reason = f"depth limit {max_depth} reached with {len(bad)} segment(s) leaving the region"
                 break
             mids = torch.stack([(points[i] + points[i + 1]) / 2 for i in bad])
+            seg = torch.stack([(points[i + 1] - points[i]).double().norm() for i in bad])
             outside = (predict(model, mids, batch_size=batch_size, counter=counter) != label).nonzero().squeeze(1)
             if outside.numel():
-                with torch.enable_grad():
-                    moved, conv = _push_into(model, mids[outside], label, dkw, counter)
-                back = predict(model, moved, batch_size=batch_size, counter=counter) == label
-                if not bool((conv & back).all()):
-                    reason = (f"targeted DeepFool could not move {int((~(conv & back)).sum())} "
+                moved, back = _push_into(model, mids[outside], push_depth * seg[outside], label, dkw,
+                                         batch_size, counter)
+                if not bool(back.all()):
+                    reason = (f"targeted DeepFool could not move {int((~back).sum())} "
                               f"midpoint(s) back into class {label} at depth {depth + 1}")
                     break
                 mids[outside] = moved
