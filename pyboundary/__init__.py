@@ -30,7 +30,7 @@ _EXPORTS = {
     "RandomSubspaces": "subspaces", "UserBasis": "subspaces", "Directions": "subspaces",
     "parse_subspaces": "subspaces",
     # data and models
-    "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "T1": "zoo.synthetic", "T2": "zoo.synthetic",
+    "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "load_package_photos": "zoo.photos", "T1": "zoo.synthetic", "T2": "zoo.synthetic",
     "SyntheticDataset": "zoo.synthetic", "reference_model": "zoo.cache", "load_model": "zoo.specs",
     "build_model": None, "train": "zoo.training", "accuracy": "zoo.training",
     # margin scans and dynamics
@@ -46,6 +46,7 @@ _EXPORTS = {
     "subspace_fraction": "geometry.curvature", "hessian_vector_product": "geometry.curvature",
     "CurvatureDetector": "geometry.detection", "DetectionScores": "geometry.detection",
     "RocCurve": "geometry.detection", "roc_curve": "geometry.detection", "auc_score": "geometry.detection",
+    "calibrate_threshold": "geometry.detection",
     "find_path": "geometry.topology", "PathResult": "geometry.topology",
     "path_connectivity": "geometry.topology", "PathConnectivity": "geometry.topology",
     "convex_combination_probability": "geometry.topology", "ConvexResult": "geometry.topology",
@@ -55,6 +56,7 @@ _EXPORTS = {
     "dct_flip": "geometry.spectral", "dct_lowpass": "geometry.spectral",
     # study pipelines
     "evaluate_detection": "experiments.detection_eval", "DetectionEvaluation": "experiments.detection_eval",
+    "detection_study": "experiments.detection_study", "DetectionStudy": "experiments.detection_study",
     "curvature_report": "experiments.curvature_report", "CurvatureReport": "experiments.curvature_report",
     "finetune_experiment": "experiments.finetune", "FinetuneResult": "experiments.finetune",
     "track": "experiments.tracking_run", "TrackingRun": "experiments.tracking_run",

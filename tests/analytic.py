@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ["Affine", "affine_margin", "BinaryAffine", "Quadric", "Annulus", "TwoSlabs", "TwoParaboloids",
-           "CurvedRegion"]
+           "CurvedRegion", "paraboloid_clean_points"]
 
 
 class Affine(nn.Module):
@@ -181,3 +181,11 @@ class CurvedRegion(nn.Module):
         else:
             raise ValueError(f"unknown transform {t!r}")
         return torch.stack([g, torch.zeros_like(g)], 1)
+
+
+def paraboloid_clean_points(n: int, seed: int = 0):
+    """(n, 1, 3, 3) points of class 0 of :class:`TwoParaboloids` (|x_1| < 0.25, the rest ~ N(0, 0.3^2))."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, 1, 3, 3, generator=g)
+    x[:, 0, 0, 0] = 0.5 * (torch.rand(n, generator=g) - 0.5)  # |x_1| < 0.25: class 0
+    return x

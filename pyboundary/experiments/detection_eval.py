@@ -27,6 +27,7 @@ from ..geometry.detection import (
     auc_score,
     roc_curve,
 )
+from .detection_study import same_norm_noise
 
 __all__ = ["DetectionEvaluation", "evaluate_detection"]
 
@@ -202,11 +203,7 @@ def evaluate_detection(
     noise_auc = noise_fpr = float("nan")
     if noise_control:
         delta = adv.perturbation[ok].to(ev.dtype)
-        gen = make_generator(seed + 1, "cpu")
-        noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype).to(delta.device)
-        flat_n = noise.reshape(noise.shape[0], -1)
-        scale = delta.reshape(delta.shape[0], -1).norm(dim=1) / flat_n.norm(dim=1)
-        noisy = ev[ok] + (flat_n * scale.unsqueeze(1)).reshape(delta.shape)
+        noisy = same_norm_noise(ev[ok], delta.flatten(1).norm(dim=1), make_generator(seed + 1, "cpu"))
         noisy_s = det.score(noisy)
         noise_auc = auc_score(noisy_s, pert_s.score)
         noise_fpr = float((noisy_s > t).double().mean())

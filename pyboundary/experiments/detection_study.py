@@ -3,7 +3,7 @@
 Every clean input x is scored, and so are its DeepFool-perturbed copies x + alpha * delta (L2,
 unrefined, inside the clamp box; alpha = 1, 2, 5 for the perturbation-scale study) and a noise
 control for each alpha: x plus Gaussian noise with the norm of the perturbation actually applied.
-From the per-input scores and per-class curvatures (:class:`pyboundary.detection.CurvatureDetector`,
+From the per-input scores and per-class curvatures (:class:`pyboundary.CurvatureDetector`,
 score = -mean_i kappa_i, higher = more likely perturbed) the study reports:
 
 * AUC of clean vs perturbed inputs with a paired bootstrap 95 % confidence interval (inputs are
@@ -22,7 +22,8 @@ score = -mean_i kappa_i, higher = more likely perturbed) the study reports:
   the level set of F_i = f_i - f_pred through the input, the boundary as the detector sees it);
   also per input (the sign of the average over classes).
 
-Sign convention: :mod:`pyboundary.detection` (kappa_i > 0 when the boundary bends towards class i).
+Sign convention: :mod:`pyboundary.geometry.detection` (kappa_i > 0 when the boundary bends towards
+class i).
 """
 
 from __future__ import annotations
@@ -38,15 +39,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DetectionStudy", "detection_study"]
+from .._utils.model import model_guard, predict
+from .._utils.plotting import pyplot, save_figure
+from .._utils.results import Result
+from .._utils.rng import make_generator
+from .._utils.validation import check_number
+from ..attacks.deepfool import deepfool
+from ..geometry.curvature.hvp import check_curvature_inputs
+from ..geometry.detection import DETECTION_H_REL, CurvatureDetector, auc_score, calibrate_threshold, roc_curve
 
-#: top_classes='auto': average over all other classes when there are at most this many, else over
-#: this many most likely ones (a 1000-class model would cost 999 reverse rows per input).
-AUTO_TOP_CLASSES = 10
+__all__ = ["DetectionStudy", "detection_study", "same_norm_noise", "bootstrap_auc_ci"]
 
 
 @dataclass
-class DetectionStudy:
+class DetectionStudy(Result):
     """Per-input scores of a :func:`detection_study` and the statistics derived from them.
 
     Arrays (numpy; N inputs, A = len(alphas), J scored classes; NaN where an entry does not exist):
@@ -102,8 +108,6 @@ class DetectionStudy:
 
     def alpha_summary(self, a: int) -> dict:
         """Statistics of the perturbation scale alphas[a] (see the module docstring)."""
-        from ..detection import auc_score
-
         ok = self.fooled(a)
         finite = ok & np.isfinite(self.clean_score)
         thr = self.thresholds()
@@ -171,9 +175,6 @@ class DetectionStudy:
                           f"({c['threads']} threads)"]
         return "\n".join(lines)
 
-    def to_numpy(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
     # ------------------------------------------------------------------ storage
 
     def save(self, path) -> Path:
@@ -198,10 +199,7 @@ class DetectionStudy:
 
     def plot_roc(self, path=None):
         """ROC curves of clean vs perturbed inputs per alpha, and of noise vs perturbed (alpha 1)."""
-        from ..detection import roc_curve
-        from ..detection import _pyplot
-
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(4.8, 4.5))
         for a, alpha in enumerate(self.alphas):
             ok = self.fooled(a) & np.isfinite(self.clean_score)
@@ -218,13 +216,11 @@ class DetectionStudy:
         ax.set_ylabel("true-positive rate (DeepFool-perturbed)")
         ax.set_title("Curvature-based detection")
         ax.legend(loc="lower right", fontsize=7)
-        return _finish(plt, fig, path)
+        return save_figure(fig, path)
 
     def plot_scores(self, path=None):
         """Score distributions: clean, perturbed and noise at each alpha (strip plot)."""
-        from ..detection import _pyplot
-
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
         rows = [("clean", self.clean_score)]
         for a, alpha in enumerate(self.alphas):
@@ -239,7 +235,7 @@ class DetectionStudy:
         ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=30, fontsize=8)
         ax.set_ylabel("score -mean kappa (1 / input units)")
         ax.set_title("Detector scores")
-        return _finish(plt, fig, path)
+        return save_figure(fig, path)
 
     def write_report(self, out, *, title: str = "Curvature-based detection") -> list:
         """Write report.md, roc.png, scores.png and study.npz into the folder ``out``."""
@@ -256,12 +252,13 @@ class DetectionStudy:
 # ---------------------------------------------------------------------------- helpers
 
 
-def calibrate_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The smallest clean score t with #(score > t) <= fpr * n (the rule of CurvatureDetector.fit)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = s.size
-    allowed = int(math.floor(fpr * n + 1e-9))
-    return float(s[n - 1 - allowed] if allowed < n else s[0])
+def same_norm_noise(x: Tensor, norms: Tensor, generator: torch.Generator | None) -> Tensor:
+    """x plus Gaussian noise scaled to the per-input L2 norms (N,): the noise control of the
+    detection studies (a perturbation as large as the adversarial one, in a random direction).
+    The noise is drawn on the CPU from ``generator`` (reproducible across devices)."""
+    g = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    scale = norms.to(x.dtype) / g.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+    return x + g * scale.view(-1, *[1] * (x.dim() - 1))
 
 
 def bootstrap_auc_ci(clean: np.ndarray, pert: np.ndarray, n_boot: int, seed: int, level: float = 0.95):
@@ -269,8 +266,6 @@ def bootstrap_auc_ci(clean: np.ndarray, pert: np.ndarray, n_boot: int, seed: int
 
     clean[k] and pert[k] belong to the same input; each resample draws inputs with replacement
     and keeps their pairs. Resamples with a single distinct input are skipped."""
-    from ..detection import auc_score
-
     n = clean.size
     gen = np.random.default_rng(seed)
     aucs = []
@@ -304,15 +299,6 @@ def _nanmedian(a: np.ndarray) -> float:
 
 def _pct(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
-
-
-def _finish(plt, fig, path):
-    if path is None:
-        return fig
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -361,20 +347,14 @@ def detection_study(
     Returns:
         :class:`DetectionStudy`.
     """
-    from ..deepfool import deepfool
-    from ..detection import DETECTION_H_REL, CurvatureDetector, _check_x
-    from ..topology import predict
-    from ..utils import make_generator, model_guard
-
-    x = _check_x(x)
+    x = check_curvature_inputs(x)
     n = x.shape[0]
     if n < 4:
         raise ValueError(f"x must hold at least 4 inputs (two halves of 2), got {n}")
     alphas = tuple(float(a) for a in alphas)
     if not alphas or not all(math.isfinite(a) and a > 0 for a in alphas):
         raise ValueError(f"alphas must be positive finite numbers, got {alphas!r}")
-    if not (isinstance(fpr, (int, float)) and 0 < fpr < 1):
-        raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
+    fpr = check_number("fpr", fpr, minimum=0, maximum=1, strict_minimum=True, strict_maximum=True)
     names = list(names) if names is not None else []
     if names and len(names) != n:
         raise ValueError(f"names must hold one name per input ({n}), got {len(names)}")
@@ -382,11 +362,8 @@ def detection_study(
     if batch_size is None:
         batch_size = _auto_rows(x)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    with model_guard(model), torch.no_grad():
-        n_classes = int(model(x[:1].detach()).shape[1])
+    with model_guard(model):
         predicted = predict(model, x.detach(), batch_size=batch_size)
-    if top_classes == "auto":
-        top_classes = None if n_classes - 1 <= AUTO_TOP_CLASSES else AUTO_TOP_CLASSES
     kw = {"p": 2, "overshoot": overshoot, "refine": False, "clamp": clamp, "batch_size": batch_size}
     kw.update(deepfool_kwargs or {})
     adv = deepfool(model, x, **kw)
@@ -400,10 +377,8 @@ def detection_study(
         if clamp is not None:
             xa = xa.clamp(float(clamp[0]), float(clamp[1]))
         step = (xa - x).flatten(1).norm(dim=1)
-        g = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        g = g * (step / g.flatten(1).norm(dim=1).clamp_min(1e-30)).view(-1, *[1] * (x.dim() - 1))
         pert.append(xa)
-        noisy.append(x + g)
+        noisy.append(same_norm_noise(x, step, gen))
         norms.append(torch.where(ok, step, torch.full_like(step, math.nan)))
     df_cpu = time.process_time() - cpu0
     det = CurvatureDetector(model, n_dirs=n_dirs, h=h, h_rel=h_rel, estimator=estimator, seed=seed,

@@ -41,14 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils.batching import resolve_batch_size
-from .._utils.model import model_guard
 from .._utils.results import Result
 from .._utils.validation import check_choice, check_int, check_model, check_number
 from .curvature import MeanCurvature, mean_curvature
-from .curvature.hvp import SCHEMES, RowCost, check_curvature_inputs, logits_rows
+from .curvature.hvp import SCHEMES, check_curvature_inputs
 
-__all__ = ["DETECTION_H_REL", "CurvatureDetector", "DetectionScores", "RocCurve", "roc_curve", "auc_score"]
+__all__ = ["DETECTION_H_REL", "AUTO_TOP_CLASSES", "CurvatureDetector", "DetectionScores", "RocCurve", "roc_curve",
+           "auc_score", "calibrate_threshold"]
 
 
 #: Default finite-difference step of the detector relative to ||x||_2. Smaller than the
@@ -57,6 +56,10 @@ __all__ = ["DETECTION_H_REL", "CurvatureDetector", "DetectionScores", "RocCurve"
 #: benchmarks/README.md), also on the noise control. Chosen on that evaluation, not validated
 #: on other models.
 DETECTION_H_REL = 0.003
+#: ``top_classes='auto'``: all other classes when there are at most this many, otherwise the
+#: this-many most likely ones (averaging the 999 other classes of an ImageNet model would cost
+#: 999 reverse rows per input).
+AUTO_TOP_CLASSES = 10
 
 
 @dataclass
@@ -155,6 +158,15 @@ class DetectionScores(Result):
                 "curvature": self.curvature.summary()}
 
 
+def calibrate_threshold(clean_scores, fpr: float) -> float:
+    """The decision threshold for a target false-positive rate: the smallest clean score t such
+    that #(score > t) <= fpr * n. clean_scores: (n,) finite scores, n >= 1; fpr in (0, 1)."""
+    s = np.sort(_as_scores("clean_scores", clean_scores))
+    n = s.size
+    allowed = int(math.floor(fpr * n + 1e-9))  # inputs allowed above the threshold
+    return float(s[n - 1 - allowed] if allowed < n else s[0])
+
+
 class CurvatureDetector:
     """Flags perturbed inputs by the sign of the boundary curvature (scikit-learn style).
 
@@ -170,7 +182,8 @@ class CurvatureDetector:
         batch_size: input rows per model call (None: automatic).
         top_classes: average over the ``top_classes`` other classes with the largest logits
             only (cost ~ 3 top_classes + 2T forward rows per input instead of 3 (L - 1) + 2T; for
-            many-class models); None: all other classes, as in the published statistic.
+            many-class models); None: all other classes, as in the published statistic; 'auto'
+            (default): all when L - 1 <= :data:`AUTO_TOP_CLASSES`, else that many.
 
     Attributes after fit: ``threshold_``, ``fpr_`` (requested), ``calibration_fpr_`` (achieved on
     the calibration set), ``n_calibration_``, ``clean_scores_``.
@@ -178,7 +191,7 @@ class CurvatureDetector:
 
     def __init__(self, model: Callable, n_dirs: int = 20, h=None, threshold: float | None = None, *,
                  h_rel: float = DETECTION_H_REL, estimator: str = "trace", scheme: str = "central",
-                 seed: int | None = 0, batch_size: int | None = None, top_classes: int | None = None):
+                 seed: int | None = 0, batch_size: int | None = None, top_classes="auto"):
         check_model(model)
         self.model = model
         self.n_dirs = check_int("n_dirs", n_dirs, minimum=1)
@@ -190,7 +203,8 @@ class CurvatureDetector:
         self.scheme = check_choice("scheme", scheme, SCHEMES)
         self.seed = seed
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        self.top_classes = check_int("top_classes", top_classes, minimum=1, allow_none=True)
+        self.top_classes = (top_classes if isinstance(top_classes, str) and top_classes == "auto"
+                            else check_int("top_classes", top_classes, minimum=1, allow_none=True))
         self.threshold = None if threshold is None else self._check_threshold(threshold)
         self.threshold_ = self.threshold
         self.n_forward = 0
@@ -215,33 +229,18 @@ class CurvatureDetector:
     def score_details(self, x: Tensor) -> DetectionScores:
         """Scores with their per-class parts. x: (N, *shape) finite inputs."""
         x = check_curvature_inputs(x)
-        classes, n_classes = None, None
-        if self.top_classes is not None:
-            classes, n_classes = self._top_classes(x)
+        classes = AUTO_TOP_CLASSES if self.top_classes == "auto" else self.top_classes
         mc = mean_curvature(self.model, x, classes=classes, n_dirs=self.n_dirs, h=self.h, h_rel=self.h_rel,
                             scheme=self.scheme, estimator=self.estimator, seed=self.seed,
                             batch_size=self.batch_size)
         kappa = mc.trace if self.estimator == "trace" else mc.hutchinson
         n = x.shape[0]
-        if n_classes is None:
-            n_classes = mc.classes.shape[1] + 1
-        per_class = torch.full((n, n_classes), float("nan"), dtype=kappa.dtype, device=kappa.device)
+        per_class = torch.full((n, mc.n_classes), float("nan"), dtype=kappa.dtype, device=kappa.device)
         per_class.scatter_(1, mc.classes, -kappa)
         self.n_forward += mc.n_forward
         self.n_backward += mc.n_backward
         self.n_scored += n
         return DetectionScores(score=-kappa.mean(1), class_scores=per_class, predicted=mc.reference, curvature=mc)
-
-    def _top_classes(self, x: Tensor):
-        """(N, c) the c other classes with the largest logits, and L (one forward row per input)."""
-        cost = RowCost()
-        with model_guard(self.model):
-            logits = logits_rows(self.model, x.reshape(x.shape[0], -1), tuple(x.shape[1:]),
-                                  resolve_batch_size(self.batch_size), cost)
-        self.n_forward += cost.forward
-        n_classes = logits.shape[1]
-        c = min(self.top_classes, n_classes - 1)
-        return logits.topk(c + 1, dim=1).indices[:, 1:], n_classes
 
     def score(self, x: Tensor) -> Tensor:
         """(N,) detection scores -mean_i kappa_i (1 / input units); higher = more likely perturbed."""
@@ -266,10 +265,8 @@ class CurvatureDetector:
         if not np.isfinite(scores).all():
             raise ValueError(f"{int((~np.isfinite(scores)).sum())} clean inputs got non-finite scores "
                              "(zero gradient?); remove them before calibrating")
-        s = np.sort(scores)
-        n = s.size
-        allowed = int(math.floor(fpr * n + 1e-9))  # inputs allowed above the threshold
-        t = s[n - 1 - allowed] if allowed < n else s[0]
+        t = calibrate_threshold(scores, fpr)
+        n = scores.size
         self.threshold_ = float(t)
         self.threshold = self.threshold_
         self.fpr_ = float(fpr)

@@ -1,6 +1,7 @@
 """Data sets, reference models, training and model loading (offline only: nothing is downloaded).
 
-* :func:`load_dataset`: digits, Fashion-MNIST, MNIST-5k, foolbox's labelled samples, image folders;
+* :func:`load_dataset`: digits, Fashion-MNIST, MNIST-5k, foolbox's labelled samples, image folders,
+  ``package-photos`` (:func:`load_package_photos`: real photographs shipped inside PyPI packages);
   :func:`T1` / :func:`T2`: the synthetic data of Ortiz-Jimenez et al. (2020).
 * :func:`build`: untrained reference architectures; :func:`train`: a seeded training loop.
 * :func:`reference_model`: trained once on offline data and cached (crash-safe, lock-protected).
@@ -24,6 +25,7 @@ from .data import (
     load_folder,
     read_idx,
 )
+from .photos import load_package_photos
 from .pretrained import PixelScale, efficientnet_lite0
 from .specs import load_model
 from .synthetic import T1, T2, SyntheticDataset, random_orthogonal
@@ -32,6 +34,7 @@ from .training import accuracy, train
 __all__ = [
     "ARCHS", "build", "train", "accuracy", "reference_model", "default_epochs", "cache_dir", "weights_hash",
     "load_state_file", "load_model", "efficientnet_lite0", "PixelScale",
-    "DATASETS", "ImageDataset", "MissingSourceError", "load_dataset", "load_folder", "read_idx", "iter_batches",
+    "DATASETS", "ImageDataset", "MissingSourceError", "load_dataset", "load_folder", "load_package_photos",
+    "read_idx", "iter_batches",
     "T1", "T2", "SyntheticDataset", "random_orthogonal",
 ]

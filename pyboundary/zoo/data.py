@@ -81,7 +81,11 @@ _FOOLBOX = {
     "foolbox-fmnist": ("fashionMNIST", FASHION_MNIST_CLASSES),
 }
 
-DATASETS = ("digits", "fashion-mnist", "mnist5k") + tuple(_FOOLBOX)
+#: unlabelled real photographs shipped inside PyPI packages (:mod:`pyboundary.zoo.photos`), cropped
+#: for ImageNet models; labels -1, classes the 1000 ImageNet indices (as foolbox-imagenet)
+PACKAGE_PHOTOS = "package-photos"
+
+DATASETS = ("digits", "fashion-mnist", "mnist5k") + tuple(_FOOLBOX) + (PACKAGE_PHOTOS,)
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".webp"}
 _FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -98,7 +102,8 @@ class ImageDataset(Result):
 
     Attributes:
         x: (N, C, H, W) float32 images with values in [0, 1].
-        labels: (N,) int64 classes in [0, len(classes)).
+        labels: (N,) int64 classes in [0, len(classes)), or -1 for unlabelled samples
+            (``package-photos``).
         name: dataset name (a built-in name or the folder path given).
         classes: class names, index = label.
         split: "train", "test" or "all".
@@ -416,7 +421,10 @@ def load_dataset(name, split: str = "test", limit: int | None = None, seed: int 
     """Load an offline dataset.
 
     Args:
-        name: one of :data:`DATASETS`, or the path of a folder of images (see :func:`load_folder`).
+        name: one of :data:`DATASETS`, the path of a folder of images (see :func:`load_folder`),
+            or several of those joined by '+' (e.g. ``foolbox-imagenet+package-photos``): their
+            samples concatenated in that order (same image shape and classes required; ``limit``
+            applies to the whole).
         split: "train", "test" or "all" (foolbox samples and flat folders: "test"/"all" only).
         limit: keep a seeded uniformly random subset of this many samples (not stratified),
             in the original order; None or a limit >= N keeps everything. For a fixed seed the
@@ -435,7 +443,13 @@ def load_dataset(name, split: str = "test", limit: int | None = None, seed: int 
         raise TypeError(f"name must be a dataset name or folder path (str), got {type(name).__name__}")
     if not isinstance(split, str):
         raise TypeError(f"split must be a str, got {type(split).__name__}")
-    if name in _FOOLBOX:
+    if "+" in name and not os.path.isdir(name):
+        return _concatenate(name, split, limit, seed)
+    if name == PACKAGE_PHOTOS:
+        _check_split(split, ("test", "all"), name)
+        x, y, classes = _load_package_photos()
+        kind = name
+    elif name in _FOOLBOX:
         _check_split(split, ("test", "all"), name)
         x, y, classes = _load_foolbox(name)
         kind = name
@@ -456,6 +470,34 @@ def load_dataset(name, split: str = "test", limit: int | None = None, seed: int 
         x, y, used_limit = x[idx].contiguous(), y[idx].contiguous(), (int(limit), int(seed))
     identity = _content_identity(x, y, kind, split, used_limit)
     return ImageDataset(x, y, name, list(classes), split, identity)
+
+
+def _load_package_photos():
+    from .photos import load_package_photos
+
+    try:
+        x, names = load_package_photos(_IMAGENET_SIZE[0])
+    except FileNotFoundError as err:
+        raise MissingSourceError(f"dataset {PACKAGE_PHOTOS!r}: {err}") from None
+    return x, torch.full((x.shape[0],), -1, dtype=torch.int64), _FOOLBOX["foolbox-imagenet"][1]
+
+
+def _concatenate(name: str, split: str, limit, seed: int) -> ImageDataset:
+    """The datasets named in 'a+b+...' concatenated (then the ``limit`` subset)."""
+    parts = [load_dataset(part, split) for part in name.split("+")]
+    for part in parts[1:]:
+        if part.image_shape != parts[0].image_shape or list(part.classes) != list(parts[0].classes):
+            raise ValueError(f"dataset {name!r}: {part.name!r} has images {part.image_shape} and "
+                             f"{len(part.classes)} classes, {parts[0].name!r} {parts[0].image_shape} and "
+                             f"{len(parts[0].classes)}: only sets of the same shape and classes can be joined")
+    x = torch.cat([p.x for p in parts])
+    labels = torch.cat([p.labels for p in parts])
+    idx = subset_indices(x.shape[0], limit, seed)
+    used_limit = None
+    if idx is not None:
+        x, labels, used_limit = x[idx].contiguous(), labels[idx].contiguous(), (int(limit), int(seed))
+    identity = _content_identity(x, labels, [p.identity for p in parts], split, used_limit)
+    return ImageDataset(x, labels, name, list(parts[0].classes), split, identity)
 
 
 def iter_batches(x: Tensor, y: Tensor | None = None, batch_size: int = 128) -> Iterator:

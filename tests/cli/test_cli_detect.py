@@ -4,15 +4,9 @@ import json
 
 import torch
 from analytic import TwoParaboloids
+from analytic import paraboloid_clean_points as clean_points
 
 from pyboundary import cli
-
-
-def clean_points(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = 0.3 * torch.randn(n, 1, 3, 3, generator=g)
-    x[:, 0, 0, 0] = 0.5 * (torch.rand(n, generator=g) - 0.5)  # |x_1| < 0.25: class 0
-    return x
 
 
 class _DS:
@@ -30,23 +24,44 @@ def _toy(monkeypatch, n, seed):
     monkeypatch.setattr(zoo, "load_dataset", lambda name, split="test", limit=None, seed=0: _DS(n, seed))
 
 
-def test_cli_detect_writes_plots(tmp_path, monkeypatch, capsys):
+def test_cli_detect_writes_the_study_report(tmp_path, monkeypatch, capsys):
     _toy(monkeypatch, 16, 5)
     assert cli.main(["detect", "--model", "toy", "--data", "toy", "--limit", "16", "--out", str(tmp_path),
-                     "--n-dirs", "4", "--h-rel", "0.2", "--profile-samples", "2"]) == 0
+                     "--n-dirs", "4", "--h-rel", "0.2", "--clamp", "none", "--alphas", "1,2",
+                     "--noise-alphas", "1", "--bootstrap", "50", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "AUC 1.0000" in out and "label recovery 100.0%" in out
-    for name in ("roc.png", "curvature_profile.png", "results.json"):
+    # toy geometry: perfect separation, every label recovered (TwoParaboloids' docstring)
+    assert "| 1 | 16 |" in out and "| 1.000 [1.000, 1.000] |" in out and "100.0 % / 100.0 %" in out
+    assert "cost per scored input:" in out and "CPU-s" in out
+    for name in ("report.md", "summary.json", "roc.png", "scores.png", "study.npz"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())["auc"] == 1.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["alpha"] for r in summary["alphas"]] == [1.0, 2.0]
+    assert summary["alphas"][0]["auc"] == 1.0 and summary["alphas"][0]["recovery_all"] == 1.0
+    assert summary["params"]["noise_alphas"] == [1.0] and summary["cost"]["scorings_per_input"] == 4
+
+
+def test_detect_top_classes_and_clamp(tmp_path, monkeypatch, capsys):
+    _toy(monkeypatch, 8, 6)
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--n-dirs", "2", "--h-rel", "0.2",
+                     "--clamp", "none", "--top-classes", "1", "--bootstrap", "10", "--no-progress",
+                     "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["params"]["n_classes_scored"] == 1 and summary["params"]["top_classes"] == 1
+    assert "top classes 1" in capsys.readouterr().out
 
 
 def test_detect_bad_arguments(tmp_path, monkeypatch, capsys):
     _toy(monkeypatch, 8, 6)
-    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--limit", "8", "--n-dirs", "2", "--h-rel", "0.2",
-                     "--profile-samples", "0"]) == 0
-    assert "detection accuracy" in capsys.readouterr().out
     # bad arguments: clear message, exit code 2
     assert cli.main(["detect", "--model", "toy", "--data", "toy", "--limit", "0"]) == 2
-    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--fpr", "2"]) == 2
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--fpr", "2", "--clamp", "none"]) == 2
     assert "fpr must be < 1" in capsys.readouterr().err
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--clamp", "1,0"]) == 2
+    assert "--clamp" in capsys.readouterr().err
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--alphas", "x"]) == 2
+    assert "--alphas" in capsys.readouterr().err
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--top-classes", "0"]) == 2
+    assert cli.main(["detect", "--model", "toy", "--data", "toy", "--alphas", "1", "--noise-alphas", "3",
+                     "--clamp", "none", "--no-progress"]) == 2
+    assert "noise_alphas" in capsys.readouterr().err

@@ -338,3 +338,22 @@ def test_zero_gradient_gives_nan_not_a_number():
     mc = C.mean_curvature(Dead(), x, labels=torch.zeros(2, dtype=torch.int64), n_dirs=3, h=0.01)
     assert math.isnan(float(mc.trace[0, 0])) and math.isnan(float(mc.hutchinson[0, 0]))
     assert float(mc.trace[1, 0]) == 0.0
+
+
+def test_mean_curvature_classes_as_a_count_takes_the_most_likely_others():
+    model = Affine.random(6, n_classes=7, seed=2)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits = model(x)
+    ref = logits.argmax(1)
+    mc = C.mean_curvature(model, x, classes=3, n_dirs=2, estimator="trace")
+    expect = logits.scatter(1, ref.unsqueeze(1), float("-inf")).topk(3, dim=1).indices
+    assert torch.equal(mc.classes, expect) and mc.n_classes == 7
+    # a count of L - 1 or more: every other class, most likely first
+    every = C.mean_curvature(model, x, classes=50, n_dirs=2, estimator="trace")
+    assert every.classes.shape == (5, 6) and bool((every.classes != ref.unsqueeze(1)).all())
+    # with given labels the reference is excluded even when it is not the argmax
+    labels = (ref + 1) % 7
+    other = C.mean_curvature(model, x, classes=2, labels=labels, n_dirs=2, estimator="trace")
+    assert bool((other.classes != labels.unsqueeze(1)).all())
+    with pytest.raises(ValueError, match="classes"):
+        C.mean_curvature(model, x, classes=0)

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import torch
 from analytic import TwoParaboloids
+from analytic import paraboloid_clean_points as clean_points
 
 from pyboundary.experiments.detection_eval import evaluate_detection
 from pyboundary.geometry.detection import CurvatureDetector, auc_score, roc_curve
-
-
-def clean_points(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = 0.3 * torch.randn(n, 1, 3, 3, generator=g)
-    x[:, 0, 0, 0] = 0.5 * (torch.rand(n, generator=g) - 0.5)  # |x_1| < 0.25: class 0
-    return x
 
 
 def pushed(model, x, cls, step=0.05):

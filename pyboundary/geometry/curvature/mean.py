@@ -44,6 +44,7 @@ class MeanCurvature(Result):
         grad_norm: (N, J) ||grad F_i||.
         values: (N, J) F_i at x (negative when ref is the predicted class).
         h: (N,) finite-difference steps; n_dirs: T; n_forward, n_backward: rows through the model.
+        n_classes: L, the number of classes of the model.
     """
 
     classes: Tensor
@@ -57,6 +58,7 @@ class MeanCurvature(Result):
     n_dirs: int = 0
     n_forward: int = 0
     n_backward: int = 0
+    n_classes: int = 0
 
     def summary(self) -> dict:
         est = self.trace if bool(torch.isfinite(self.trace).any()) else self.hutchinson
@@ -76,6 +78,12 @@ def _resolve_classes(classes, logits: Tensor, ref: Tensor) -> Tensor:
         all_c = torch.arange(n_classes, device=dev).expand(n, n_classes)
         keep = all_c != ref.unsqueeze(1)
         return all_c[keep].reshape(n, n_classes - 1)
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        if classes < 1:
+            raise ValueError(f"classes as a count must be >= 1 (the k most likely other classes), got {classes}")
+        # the k other classes with the largest logits, most likely first
+        others = logits.scatter(1, ref.unsqueeze(1), float("-inf"))
+        return others.topk(min(classes, n_classes - 1), dim=1).indices.contiguous()
     if isinstance(classes, Tensor):
         c = classes.to(dev, torch.int64)
         if c.dim() == 1:
@@ -130,7 +138,9 @@ def mean_curvature(
     Args:
         model: callable (N, *shape) -> (N, L) logits (left unchanged).
         x: (N, *shape) inputs.
-        classes: None (all classes but ref), a list of class indices, or an (N, J) int64 tensor.
+        classes: None (all classes but ref), an int k (the k other classes with the largest
+            logits, most likely first; all when k >= L - 1), a list of class indices, or an (N, J)
+            int64 tensor.
         labels: (N,) int64 reference classes; None: the predicted labels.
         n_dirs: T >= 1 random directions per sample.
         h, h_rel: finite-difference step (input units); scheme: 'central', 'forward' or 'exact'.
@@ -181,6 +191,7 @@ def mean_curvature(
         values=values,
         h=hs,
         n_dirs=n_dirs,
+        n_classes=int(logits.shape[1]),
         **cost.counts(),
     )
 

@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from analytic import TwoParaboloids
+from analytic import paraboloid_clean_points as clean_points
 from torch import nn
 
 from pyboundary.experiments import detection_study as S
 from pyboundary.experiments.detection_study import DetectionStudy, detection_study
-
-from test_detection import TwoParaboloids, clean_points
+from pyboundary.geometry.detection import AUTO_TOP_CLASSES, CurvatureDetector, auc_score, calibrate_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +47,6 @@ def test_study_on_two_paraboloids_matches_the_known_geometry(toy_study):
     assert r["noise_auc_vs_perturbed"] == 1.0
     # (vs clean it is not 0.5 here: a noise step of the margin's size moves the point to where
     # the paraboloids' level sets curve differently; recomputed from the arrays)
-    from pyboundary.detection import auc_score
-
     assert r["noise_auc_vs_clean"] == auc_score(st.clean_score, st.noise_score[0])
     # perturbation norms: alpha times the DeepFool margin (no box)
     ok = st.fooled(1)
@@ -55,8 +54,6 @@ def test_study_on_two_paraboloids_matches_the_known_geometry(toy_study):
 
 
 def test_study_scores_equal_the_detector_scores(toy_study):
-    from pyboundary.detection import CurvatureDetector
-
     model, x, st = toy_study
     det = CurvatureDetector(model, n_dirs=8, h_rel=0.05, seed=0)
     # the study scores in calls of 4 inputs and the directions are drawn per call: compare a call
@@ -70,20 +67,18 @@ def test_cross_calibration_uses_the_other_half(toy_study):
     thr = st.thresholds()
     for h in (0, 1):
         other = st.clean_score[st.half != h]
-        assert np.all(thr[st.half == h] == S.calibrate_threshold(other, 0.05))
+        assert np.all(thr[st.half == h] == calibrate_threshold(other, 0.05))
     assert sorted(np.bincount(st.half).tolist()) == [20, 20]
 
 
 def test_calibrate_threshold_rule():
     s = np.arange(1.0, 21.0)  # 20 scores
-    assert S.calibrate_threshold(s, 0.05) == 19.0  # one score (20) may lie above
-    assert S.calibrate_threshold(s, 0.01) == 20.0
-    assert S.calibrate_threshold(s, 0.5) == 10.0
+    assert calibrate_threshold(s, 0.05) == 19.0  # one score (20) may lie above
+    assert calibrate_threshold(s, 0.01) == 20.0
+    assert calibrate_threshold(s, 0.5) == 10.0
 
 
 def test_bootstrap_ci_brackets_the_auc_and_is_seeded():
-    from pyboundary.detection import auc_score
-
     rng = np.random.default_rng(0)
     clean, pert = rng.normal(0, 1, 60), rng.normal(1, 1, 60)
     lo, hi = S.bootstrap_auc_ci(clean, pert, 500, seed=1)
@@ -102,7 +97,7 @@ def test_auto_top_classes_bounds_the_cost():
     many = nn.Linear(6, 30).double()
     x = torch.randn(8, 6, dtype=torch.float64)
     st = detection_study(many, x, alphas=(1.0,), n_dirs=2, clamp=None, n_bootstrap=10, progress=False)
-    assert st.clean_kappa.shape[1] == S.AUTO_TOP_CLASSES and st.params["n_classes_scored"] == 10
+    assert st.clean_kappa.shape[1] == AUTO_TOP_CLASSES and st.params["n_classes_scored"] == 10
     few = nn.Linear(6, 5).double()
     st = detection_study(few, x, alphas=(1.0,), n_dirs=2, clamp=None, n_bootstrap=10, progress=False)
     assert st.clean_kappa.shape[1] == 4

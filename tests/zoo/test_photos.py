@@ -76,3 +76,21 @@ def test_table_has_unique_names_and_known_packages():
     names = [n for _, _, n in photos.PACKAGE_PHOTOS]
     assert len(names) == len(set(names)) == 32
     assert {p for p, _, _ in photos.PACKAGE_PHOTOS} == set(photos.PHOTO_PACKAGES)
+
+
+def test_package_photos_dataset_and_joined_names(tmp_path, monkeypatch):
+    from pyboundary import zoo
+
+    _fake_packages(tmp_path, monkeypatch, {"sklearn", "ultralytics"})
+    ds = zoo.load_dataset("package-photos")
+    assert tuple(ds.x.shape) == (4, 3, 224, 224) and ds.labels.tolist() == [-1] * 4 and len(ds.classes) == 1000
+    with pytest.raises(ValueError, match="split"):
+        zoo.load_dataset("package-photos", split="train")
+    joined = zoo.load_dataset("package-photos+package-photos", limit=6, seed=1)
+    assert tuple(joined.x.shape) == (6, 3, 224, 224) and joined.identity != ds.identity
+    assert joined.classes == ds.classes
+    with pytest.raises(ValueError, match="same shape and classes"):
+        zoo.load_dataset("package-photos+digits")
+    monkeypatch.setattr(photos, "_package_dir", lambda name: None)
+    with pytest.raises(zoo.MissingSourceError, match="pip install --no-deps"):
+        zoo.load_dataset("package-photos")
