@@ -109,7 +109,8 @@ class DetectionStudy(Result):
     def alpha_summary(self, a: int) -> dict:
         """Statistics of the perturbation scale alphas[a] (see the module docstring)."""
         ok = self.fooled(a)
-        finite = ok & np.isfinite(self.clean_score)
+        scored = np.isfinite(self.clean_score)
+        finite = ok & scored
         thr = self.thresholds()
         clean, pert = self.clean_score[finite], self.pert_score[a][finite]
         noise_ok = finite & np.isfinite(self.noise_score[a])
@@ -127,7 +128,7 @@ class DetectionStudy(Result):
             "auc": auc_score(clean, pert) if finite.any() else math.nan,
             "auc_ci95": list(bootstrap_auc_ci(clean, pert, n_boot, seed)) if finite.any() else [math.nan, math.nan],
             "tpr": _mean(flagged[ok]),
-            "fpr": _mean((self.clean_score > thr)[np.isfinite(self.clean_score)]),
+            "fpr": _mean((self.clean_score > thr)[scored]),
             "recovery_flagged": _mean(hit[ok & flagged]),
             "recovery_all": _mean(hit[ok]),
             "runner_up_baseline": _mean(runner_up[ok]),
@@ -135,9 +136,9 @@ class DetectionStudy(Result):
             "noise_auc_vs_clean": auc_score(self.clean_score[noise_ok], noise) if noise.size else math.nan,
             "noise_flagged": _mean((self.noise_score[a] > thr)[noise_ok]),
             "noise_label_changed": _mean((self.noise_pred[a] != self.predicted)[noise_ok]),
-            "table2_clean_positive": _sign_fraction(self.clean_kappa[finite], +1),
+            "table2_clean_positive": _sign_fraction(self.clean_kappa[scored], +1),
             "table2_perturbed_negative": _sign_fraction(self.pert_kappa[a][ok], -1),
-            "table2_clean_inputs_positive": _mean(self.clean_score[finite] < 0),
+            "table2_clean_inputs_positive": _mean(self.clean_score[scored] < 0),
             "table2_perturbed_inputs_negative": _mean(self.pert_score[a][ok] > 0),
         }
         return out
