@@ -56,9 +56,9 @@ __all__ = ["DETECTION_H_REL", "AUTO_TOP_CLASSES", "CurvatureDetector", "Detectio
 #: benchmarks/README.md), also on the noise control. Chosen on that evaluation, not validated
 #: on other models.
 DETECTION_H_REL = 0.003
-#: ``top_classes='auto'``: all other classes when there are at most this many, otherwise the
-#: this-many most likely ones (averaging the 999 other classes of an ImageNet model would cost
-#: 999 reverse rows per input).
+#: ``top_classes='auto'``: average over all other classes when there are at most this many,
+#: otherwise over this many, the most likely ones (averaging the 999 other classes of an ImageNet
+#: model would cost 999 reverse rows per input).
 AUTO_TOP_CLASSES = 10
 
 
