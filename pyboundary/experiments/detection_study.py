@@ -226,7 +226,8 @@ class DetectionStudy(Result):
         rows = [("clean", self.clean_score)]
         for a, alpha in enumerate(self.alphas):
             rows.append((f"pert. x{alpha:g}", np.where(self.fooled(a), self.pert_score[a], np.nan)))
-            rows.append((f"noise x{alpha:g}", self.noise_score[a]))
+            if np.isfinite(self.noise_score[a]).any():  # noise controls only where computed
+                rows.append((f"noise x{alpha:g}", self.noise_score[a]))
         gen = np.random.default_rng(0)
         for k, (label, s) in enumerate(rows):
             s = s[np.isfinite(s)]
