@@ -1,0 +1,198 @@
+"""The batch-size estimator (pyboundary._utils.memory): probe, budget, refusal, back-off."""
+
+import pytest
+import torch
+
+from pyboundary._utils import memory as mem
+from pyboundary._utils.memory import (BackoffState, MemoryBudgetError, map_with_backoff, measure_peak,
+                                      parse_memory_budget, plan_batch_size)
+
+MiB = 2**20
+
+needs_proc = pytest.mark.skipif(not mem.cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs")
+
+
+class WideLinear(torch.nn.Module):
+    """16 -> WIDTH -> 1: each row's activations are WIDTH float32 values (1 MiB at 2^18), and
+    its backward pass keeps a few of those: memory per row is known up to a small factor and
+    dominates everything else."""
+
+    WIDTH = 2**18
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, self.WIDTH)
+
+    def forward(self, x):
+        return torch.tanh(self.up(x)).sum(1, keepdim=True)
+
+
+def _work(model, x):
+    def run(r):
+        xi = x[:r].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xi).sum(), xi)
+        return g.sum().item()
+    return run
+
+
+@needs_proc
+def test_measure_peak_sees_a_touched_allocation():
+    def fn():
+        t = torch.ones(64 * MiB // 4)  # 64 MiB written
+        return float(t[-1])
+    peak = measure_peak(fn, "cpu")
+    assert 60 * MiB < peak < 80 * MiB
+
+
+@needs_proc
+def test_auto_batch_within_factor_two_of_the_true_maximum():
+    torch.manual_seed(0)
+    model = WideLinear()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(256, 16)
+    run = _work(model, x)
+    budget = 96 * MiB
+    plan = plan_batch_size(run, 256, device="cpu", memory_budget=budget, unit="rows")
+    assert plan.source == "auto" and plan.need <= budget
+    # the true maximum: the largest batch whose measured peak stays within the budget
+    peaks = {b: measure_peak(lambda: run(b), "cpu") for b in (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64)}
+    fits = [b for b, pk in peaks.items() if pk <= budget]
+    true_max = max(fits)
+    assert true_max / 2 <= plan.batch_size <= true_max * 1.25, (plan, peaks)
+    # the per-row estimate is of the order of the activations (WIDTH float32 = 1 MiB) it keeps
+    assert 1 * MiB <= plan.per_row <= 8 * MiB
+
+
+@needs_proc
+def test_explicit_batch_above_the_budget_is_refused_before_the_work():
+    model = WideLinear()
+    x = torch.randn(512, 16)
+    calls = []
+
+    def run(r):
+        calls.append(r)
+        return _work(model, x)(r)
+
+    with pytest.raises(MemoryBudgetError, match=r"batch_size=512 cannot fit.*needs an estimated .*GiB.*"
+                                                r"memory budget of 64\.0 MiB.*batch_size <= \d+"):
+        plan_batch_size(run, 512, device="cpu", batch_size=512, memory_budget=64 * MiB)
+    assert max(calls) <= 4  # only probe rows ran
+    ok = plan_batch_size(run, 512, device="cpu", batch_size=8, memory_budget=64 * MiB)
+    assert ok.batch_size == 8 and ok.source == "explicit"
+
+
+def test_small_work_is_not_probed_and_off_skips_the_probe():
+    def run(r):  # pragma: no cover - must not be called
+        raise AssertionError("probed")
+
+    assert plan_batch_size(run, 3, device="cpu").source == "all"
+    plan = plan_batch_size(run, 1000, device="cpu", memory_budget="off", default=256)
+    assert (plan.batch_size, plan.source) == (256, "unchecked")
+    assert plan_batch_size(run, 1000, device="cpu", memory_budget="off", batch_size=7).batch_size == 7
+
+
+def test_parse_memory_budget():
+    assert parse_memory_budget(None) is None
+    assert parse_memory_budget("off") == "off" and parse_memory_budget(False) == "off"
+    assert parse_memory_budget("6GB") == 6 * 10**9
+    assert parse_memory_budget("6G") == parse_memory_budget("6GiB") == 6 * 2**30
+    assert parse_memory_budget("512 MiB") == 512 * MiB
+    assert parse_memory_budget(1000) == 1000
+    assert parse_memory_budget("40%") == pytest.approx(0.4)
+    for bad in ("6 parsecs", "-1GB", "0", "150%", "0%"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_memory_budget(bad)
+    for bad in (1.5, True, [1]):
+        with pytest.raises(TypeError, match="memory_budget"):
+            parse_memory_budget(bad)
+
+
+def test_budget_defaults_to_a_fraction_of_the_available_memory():
+    budget, avail, origin = mem.resolve_budget(None, "cpu")
+    assert avail > 0 and budget == int(mem.DEFAULT_BUDGET_FRACTION["cpu"] * avail)
+    assert "available" in origin
+    half, avail2, _ = mem.resolve_budget("50%", "cpu")
+    assert abs(half - avail2 / 2) <= 1
+
+
+# ------------------------------------------------------------------------------ back-off
+class OOMAbove(torch.nn.Module):
+    """Raises torch.cuda.OutOfMemoryError for batches above ``limit`` rows (no GPU needed)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.sizes = limit, []
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake: {x.shape[0]} rows)")
+        return self.lin(x)
+
+
+def test_backoff_halves_until_the_batch_fits_and_keeps_the_smaller_size():
+    model = OOMAbove(limit=5)
+    x = torch.randn(37, 4)
+    halvings = []
+    state = BackoffState(16)
+    out = map_with_backoff(lambda s, e: model(x[s:e]), 37, state, on_backoff=lambda a, b: halvings.append((a, b)))
+    assert torch.allclose(torch.cat(out), model.lin(x))
+    assert halvings == [(16, 8), (8, 4)]
+    assert state.batch_size == 4 and state.backoffs == 2
+    assert max(model.sizes[3:]) <= 4  # after the two failed tries every chunk fits
+
+
+def test_backoff_reraises_at_one_row_and_other_errors_pass_through():
+    model = OOMAbove(limit=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        map_with_backoff(lambda s, e: model(torch.randn(e - s, 4)), 4, 4, on_backoff=lambda a, b: None)
+
+    def broken(s, e):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError, match="not a memory problem"):
+        map_with_backoff(broken, 4, 4)
+
+
+def test_cpu_allocator_failure_counts_as_out_of_memory():
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+    assert mem.is_out_of_memory(err)
+    assert mem.is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
+    assert not mem.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# ------------------------------------------------------------------------------ CUDA statistics, emulated
+class FakeCuda:
+    """The torch.cuda memory API as the probe uses it, over a counter that fake work moves."""
+
+    def __init__(self, total, per_row, fixed):
+        self.total, self.per_row, self.fixed = total, per_row, fixed
+        self.allocated = self.peak = 0
+
+    def install(self, monkeypatch):
+        c = torch.cuda
+        monkeypatch.setattr(c, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(c, "current_device", lambda: 0)
+        monkeypatch.setattr(c, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.allocated))
+        monkeypatch.setattr(c, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(c, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(c, "memory_reserved", lambda device=None: self.allocated)
+        monkeypatch.setattr(c, "mem_get_info", lambda device=None: (self.total - self.allocated, self.total))
+
+    def run(self, rows):
+        self.peak = max(self.peak, self.allocated + self.fixed + rows * self.per_row)
+
+
+def test_cuda_probe_uses_allocator_statistics(monkeypatch):
+    fake = FakeCuda(total=10 * 2**30, per_row=100 * MiB, fixed=300 * MiB)
+    fake.install(monkeypatch)
+    plan = plan_batch_size(fake.run, 10_000, device="cuda:0", memory_budget=2 * 2**30, unit="pairs")
+    assert plan.per_row == pytest.approx(100 * MiB) and plan.fixed == pytest.approx(300 * MiB)
+    true_max = (2 * 2**30 - 300 * MiB) // (100 * MiB)
+    assert true_max / 2 <= plan.batch_size <= true_max
+    default = plan_batch_size(fake.run, 10_000, device="cuda:0", unit="pairs")
+    assert default.budget == int(mem.DEFAULT_BUDGET_FRACTION["cuda"] * 10 * 2**30)
+    with pytest.raises(MemoryBudgetError, match="cannot fit"):
+        plan_batch_size(fake.run, 10_000, device="cuda:0", batch_size=200, unit="pairs")
