@@ -196,3 +196,27 @@ def test_cuda_probe_uses_allocator_statistics(monkeypatch):
     assert default.budget == int(mem.DEFAULT_BUDGET_FRACTION["cuda"] * 10 * 2**30)
     with pytest.raises(MemoryBudgetError, match="cannot fit"):
         plan_batch_size(fake.run, 10_000, device="cuda:0", batch_size=200, unit="pairs")
+
+
+def test_reuse_freed_memory_keeps_large_blocks(tmp_path):
+    """In a fresh process: after reuse_freed_memory(), a freed 64 MiB tensor stays resident for reuse
+    (glibc no longer unmaps it), and a second one of the same size costs no new resident memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from pyboundary._utils import memory as m
+        assert m.reuse_freed_memory()
+        def rss():
+            return m._proc_status_kib("VmRSS") * 1024
+        t = torch.ones(2**24); del t          # 64 MiB touched and freed
+        before = rss()
+        t = torch.ones(2**24); del t
+        print(rss() - before < 8 * 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "clear_refs" in out.stderr or not mem.cpu_peak_supported():
+        pytest.skip("not Linux/glibc")
+    assert out.stdout.strip().endswith("True"), out.stderr
