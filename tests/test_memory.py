@@ -200,6 +200,7 @@ def test_cuda_probe_uses_allocator_statistics(monkeypatch):
         plan_batch_size(fake.run, 10_000, device="cuda:0", batch_size=200, unit="pairs")
 
 
+@pytest.mark.slow
 def test_reuse_freed_memory_keeps_large_blocks():
     """In fresh processes: a 64 MiB tensor allocated and freed again and again faults in 64 MiB of
     new pages every time by default (glibc maps and unmaps it), none after reuse_freed_memory()."""
