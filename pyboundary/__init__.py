@@ -31,6 +31,7 @@ _EXPORTS = {
     "parse_subspaces": "subspaces",
     # data and models
     "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "load_package_photos": "zoo.photos", "T1": "zoo.synthetic", "T2": "zoo.synthetic",
+    "open_image_folder": "zoo.streaming", "ImageFolderStream": "zoo.streaming",
     "SyntheticDataset": "zoo.synthetic", "reference_model": "zoo.cache", "load_model": "zoo.specs",
     "build_model": None, "train": "zoo.training", "accuracy": "zoo.training",
     # margin scans and dynamics

@@ -1,59 +1,40 @@
-"""Memory-aware batch sizes: probe the real work on a few rows, scale to a memory budget.
+"""Memory, measured: what is available now, what a budget allows, and the peak of a piece of work.
 
-Every pipeline that pushes many rows through a model (the margin scan, ``deepfool``, curvature,
-detection) sizes its batches here instead of trusting a fixed default:
+The batch-size planner (:mod:`pyboundary._utils.batching`) builds on these:
 
-1. **Probe.** The caller hands over ``run(r)``, one unit of its real work on ``r`` rows of the
-   real input (e.g. one DeepFool iteration on ``r`` (sample, subspace) pairs). It runs once to
-   warm up (lazy initialisation is not per-row memory), then on ``r1`` and ``r2`` rows while
-   the peak memory is measured (:func:`measure_peak`):
+* :func:`available_memory`: CPU: ``MemAvailable`` of ``/proc/meminfo`` (free memory plus
+  reclaimable caches) bounded by the cgroup limit; CUDA: the device's free memory plus what
+  torch's caching allocator holds unused.
+* :func:`resolve_budget`: ``memory_budget`` (bytes, a size string such as ``'6GB'``/``'512MiB'``,
+  a percentage ``'40%'`` of the memory available now, or ``'off'``); default
+  :data:`DEFAULT_BUDGET_FRACTION` of the memory available now.
+* :func:`measure_peak`: the peak memory a call adds. CPU: the process's peak resident set size
+  (``VmHWM``), reset before the call through ``/proc/self/clear_refs`` after ``malloc_trim`` has
+  handed freed heap pages back, so the peak counts the memory the call really touches (model
+  activations, retained graphs, oneDNN scratch space: everything the kernel's OOM killer
+  counts). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  what was allocated before.
+* :func:`probe_memory`: a linear model ``need(b) = fixed + b * per_row`` from two measured runs.
+* :func:`reuse_freed_memory`: keep glibc from unmapping large freed blocks (much faster CPU
+  scans at 224x224).
 
-   * CPU: the process's peak resident set size (``VmHWM``), reset before each run through
-     ``/proc/self/clear_refs`` after ``malloc_trim`` has handed freed heap pages back, so the
-     peak counts the memory the run really touches (model activations, retained graphs,
-     oneDNN scratch space: everything the kernel's OOM killer would count);
-   * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
-     allocated before.
-
-   The two peaks give a linear model ``need(b) = fixed + b * per_row`` (bytes).
-2. **Budget.** ``memory_budget`` (bytes, a size string such as ``'6GB'``/``'512MiB'``, or a
-   percentage ``'40%'`` of the memory available now); default :data:`DEFAULT_BUDGET_FRACTION` of
-   the memory available now (:func:`available_memory`: ``MemAvailable`` of ``/proc/meminfo``,
-   bounded by the cgroup limit; on CUDA the free device memory plus what torch's caching
-   allocator holds unused).
-3. **Choice.** Automatic: the largest ``b`` with ``need(b) <= budget``, at most the number of
-   rows (and an optional cap). Explicit ``batch_size``: kept, but refused with
-   :class:`MemoryBudgetError` before any work when ``need(batch_size)`` exceeds the budget (the
-   given one, or else all the memory available), with the estimate and the limit in the message.
-4. **Back-off** (:func:`map_with_backoff`): a chunk that still raises an out-of-memory error
-   (``torch.OutOfMemoryError``, i.e. ``torch.cuda.OutOfMemoryError``, or the CPU allocator's
-   "can't allocate memory") is retried in halves, down to one row, and later chunks keep the
-   smaller size. On CPU the kernel usually kills a process before an allocation fails, which is
-   why the probe and the budget come first.
-
-The chosen size and its evidence are a :class:`BatchPlan` (``summary()`` is recorded in result
-stores). Units: bytes everywhere; ``rows`` is whatever the caller batches (pairs for the scan,
-samples for ``deepfool``, model rows for curvature).
+Units: bytes everywhere.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import re
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 __all__ = [
-    "BatchPlan", "MemoryBudgetError", "DEFAULT_BUDGET_FRACTION", "DEFAULT_PROBE_ROWS",
-    "available_memory", "parse_memory_budget", "resolve_budget", "measure_peak", "probe_memory",
-    "plan_batch_size", "map_with_backoff", "is_out_of_memory", "format_bytes", "BackoffState",
-    "reuse_freed_memory", "peak_rss",
+    "DEFAULT_BUDGET_FRACTION", "DEFAULT_PROBE_ROWS", "SAFETY", "MemoryProbe", "available_memory",
+    "parse_memory_budget", "resolve_budget", "measure_peak", "probe_memory", "cpu_peak_supported",
+    "format_bytes", "reuse_freed_memory", "peak_rss",
 ]
 
 #: fraction of the memory available now that an automatic batch may use, per device type. On CPU
@@ -69,10 +50,6 @@ SAFETY = 1.15
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class MemoryBudgetError(ValueError):
-    """A batch that cannot fit in the memory budget (raised before the work starts)."""
 
 
 def format_bytes(n: float) -> str:
@@ -340,202 +317,3 @@ def probe_memory(run: Callable[[int], object], device=None, rows: Sequence[int] 
         per_row = max(per_row, p2 / r2)
     fixed = max(0.0, p1 - r1 * per_row)
     return MemoryProbe(rows=(r1, r2), peaks=(p1, p2), per_row=float(per_row), fixed=float(fixed))
-
-
-# ------------------------------------------------------------------------------ the plan
-@dataclass(frozen=True)
-class BatchPlan:
-    """A chosen batch size and the evidence for it.
-
-    Attributes:
-        batch_size: rows per batch.
-        source: 'auto' (chosen from the probe), 'explicit' (given, checked), 'unchecked' (given
-            or defaulted without a probe: ``memory_budget='off'`` or no way to measure), 'all'
-            (the whole input fits the probe sizes, no probe run).
-        device: where the rows run.
-        budget: bytes the batch may use (None when not checked).
-        available: bytes available when planned.
-        per_row, fixed: the probe's linear model in bytes (None without a probe).
-        need: estimated peak bytes of one batch of ``batch_size`` rows (None without a probe).
-        budget_origin: how the budget was set (text).
-        unit: what a row is ('pairs', 'samples', 'rows').
-    """
-
-    batch_size: int
-    source: str
-    device: str
-    budget: int | None = None
-    available: int | None = None
-    per_row: float | None = None
-    fixed: float | None = None
-    need: float | None = None
-    budget_origin: str = ""
-    unit: str = "rows"
-
-    def summary(self) -> dict:
-        return {"batch_size": self.batch_size, "source": self.source, "device": self.device,
-                "budget_bytes": self.budget, "available_bytes": self.available,
-                "per_row_bytes": None if self.per_row is None else round(self.per_row),
-                "fixed_bytes": None if self.fixed is None else round(self.fixed),
-                "estimated_peak_bytes": None if self.need is None else round(self.need),
-                "budget_origin": self.budget_origin, "unit": self.unit}
-
-    def format_summary(self) -> str:
-        text = f"batch of {self.batch_size} {self.unit} ({self.source}"
-        if self.need is not None:
-            text += f"; estimated peak {format_bytes(self.need)}"
-            if self.budget is not None:
-                text += f" of a {format_bytes(self.budget)} budget"
-            text += f", {format_bytes(self.per_row)} per {self.unit.rstrip('s')}"
-        elif self.budget_origin:
-            text += f"; {self.budget_origin}"
-        return text + f", {self.device})"
-
-
-def plan_batch_size(
-    run: Callable[[int], object],
-    n_rows: int,
-    *,
-    device=None,
-    batch_size: int | None = None,
-    memory_budget=None,
-    default: int | None = None,
-    max_batch_size: int | None = None,
-    probe_rows: Sequence[int] = DEFAULT_PROBE_ROWS,
-    unit: str = "rows",
-    what: str = "batch_size",
-) -> BatchPlan:
-    """Choose (or check) the number of rows per batch for ``n_rows`` rows of work.
-
-    Args:
-        run: ``run(r)`` does one unit of the real work on the first ``r`` rows (see
-            :func:`probe_memory`); only called when a probe is needed.
-        n_rows: total rows the caller will process.
-        device: where the work runs (CPU RSS or CUDA allocator statistics).
-        batch_size: an explicit size (kept when it fits, else :class:`MemoryBudgetError`).
-        memory_budget: see :func:`parse_memory_budget`; ``'off'`` skips the probe and the check.
-        default: the size used without a probe (``memory_budget='off'``, or where memory cannot
-            be measured); None = all rows.
-        max_batch_size: upper bound of an automatic choice (None: ``n_rows``).
-        probe_rows: the two probe sizes (capped below ``n_rows``).
-        unit: what a row is, for messages ('pairs', 'samples').
-        what: the argument's name in messages ('batch_size', '--batch-size').
-    Returns:
-        :class:`BatchPlan`.
-    """
-    dev = _device(device)
-    n_rows = max(int(n_rows), 1)
-    cap = n_rows if max_batch_size is None else max(1, min(n_rows, int(max_batch_size)))
-    budget, avail, origin = resolve_budget(memory_budget, dev)
-    if batch_size is not None:
-        batch_size = min(int(batch_size), n_rows)
-    fallback = batch_size if batch_size is not None else min(n_rows, default or n_rows)
-    if budget is None:
-        return BatchPlan(fallback, "unchecked", str(dev), None, avail, budget_origin="memory_budget='off'", unit=unit)
-    r1, r2 = int(probe_rows[0]), int(probe_rows[1])
-    if n_rows <= r2:
-        # all the work is as small as a probe: probing would cost as much as doing it
-        return BatchPlan(fallback, "all", str(dev), budget, avail, budget_origin=origin, unit=unit)
-    if dev.type == "cpu" and not cpu_peak_supported():
-        warnings.warn("cannot measure CPU memory on this platform (no resettable /proc peak); batch "
-                      f"sizes are not checked against memory (using {fallback})", stacklevel=3)
-        return BatchPlan(fallback, "unchecked", str(dev), None, avail, budget_origin="not measurable here", unit=unit)
-    probe = probe_memory(run, dev, (r1, r2))
-    if batch_size is not None:
-        need = probe.need(batch_size)
-        limit = budget if parse_memory_budget(memory_budget) is not None else avail
-        if need > limit:
-            fits = _largest_fit(probe, limit, cap)
-            what_limit = (f"the memory budget of {format_bytes(limit)} ({origin})"
-                          if parse_memory_budget(memory_budget) is not None
-                          else f"the {format_bytes(limit)} of memory available now")
-            raise MemoryBudgetError(
-                f"{what}={batch_size} cannot fit: one batch of {batch_size} {unit} needs an estimated "
-                f"{format_bytes(need)} ({format_bytes(probe.per_row)} per {unit.rstrip('s')} + "
-                f"{format_bytes(probe.fixed)}, measured on {r1} and {r2} {unit} on {dev}), more than "
-                f"{what_limit}. "
-                + (f"Use {what} <= {fits}, or leave it unset to choose automatically." if fits >= 1
-                   else "Not even one fits: free memory or use a smaller model/input.")
-            )
-        return BatchPlan(batch_size, "explicit", str(dev), budget, avail, probe.per_row, probe.fixed, need, origin, unit)
-    size = _largest_fit(probe, budget, cap)
-    if size < 1:
-        one = probe.need(1)
-        if one > avail:
-            raise MemoryBudgetError(
-                f"one {unit.rstrip('s')} needs an estimated {format_bytes(one)} on {dev}, more than the "
-                f"{format_bytes(avail)} available now: free memory or use a smaller model/input")
-        warnings.warn(f"one {unit.rstrip('s')} needs an estimated {format_bytes(one)}, more than the memory "
-                      f"budget of {format_bytes(budget)} ({origin}); running one at a time", stacklevel=3)
-        size = 1
-    return BatchPlan(size, "auto", str(dev), budget, avail, probe.per_row, probe.fixed, probe.need(size), origin, unit)
-
-
-def _largest_fit(probe: MemoryProbe, limit: float, cap: int) -> int:
-    """Largest b <= cap with need(b) <= limit (0 if none)."""
-    room = limit - probe.fixed
-    if room <= 0:
-        return 0
-    per = probe.per_row * SAFETY
-    return int(min(cap, math.floor(room / per))) if per > 0 else cap
-
-
-# ------------------------------------------------------------------------------ back-off
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's out-of-memory errors (CUDA or the CPU allocator failing)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    if isinstance(exc, oom):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-
-
-class BackoffState:
-    """Rows per call after back-offs, shared by successive :func:`map_with_backoff` calls."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = int(batch_size)
-        self.backoffs = 0
-
-    def __repr__(self) -> str:
-        return f"BackoffState(batch_size={self.batch_size}, backoffs={self.backoffs})"
-
-
-def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int | BackoffState, *,
-                     device=None, on_backoff: Callable[[int, int], None] | None = None) -> list:
-    """``[fn(start, stop) for consecutive chunks of [0, n)]``, halving the chunk on out-of-memory.
-
-    A chunk whose call raises an out-of-memory error (:func:`is_out_of_memory`) is retried from
-    the same start with half the rows (torch's CUDA cache emptied first); later chunks keep the
-    smaller size (also across calls when a :class:`BackoffState` is passed). A one-row chunk
-    that runs out of memory re-raises. ``fn`` must not have side effects that a retry would
-    repeat. ``on_backoff(old, new)`` is called at each halving. Returns the results in order.
-    """
-    state = batch_size if isinstance(batch_size, BackoffState) else BackoffState(batch_size)
-    out, start = [], 0
-    while start < n:
-        stop = min(n, start + state.batch_size)
-        failed = False
-        try:
-            out.append(fn(start, stop))
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
-            if not is_out_of_memory(exc) or stop - start <= 1:
-                raise
-            failed = True  # retried below, once the traceback (and the tensors it holds) is gone
-        if not failed:
-            start = stop
-            continue
-        _free_cached(device)
-        old = stop - start
-        state.batch_size = max(1, old // 2)
-        state.backoffs += 1
-        if on_backoff is not None:
-            on_backoff(old, state.batch_size)
-        else:
-            print(f"out of memory with {old} rows per batch; retrying with {state.batch_size}", file=sys.stderr)
-    return out
-
-
-def _free_cached(device) -> None:
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()

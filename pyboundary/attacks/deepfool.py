@@ -67,14 +67,14 @@ and the first candidate gradients (computed in the whole space, then analysed pe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from .._utils.batching import resolve_batch_size
+from .._utils.batching import DEFAULT_BATCH_SIZE, map_with_backoff, plan_batch_size
 from .._utils.model import check_logits, explain_dtype_errors, model_guard
 from .._utils.results import Result
 from .._utils.rng import make_generator
@@ -792,6 +792,7 @@ def deepfool(
     tol: float | None = None,
     clamp: tuple | None = None,
     batch_size: int | None = None,
+    memory_budget=None,
     noise_retries: int = 0,
     seed: int | None = None,
     target: Tensor | None = None,
@@ -817,7 +818,14 @@ def deepfool(
         refine: bracket the boundary along the final perturbation (see module docstring).
         tol: refinement tolerance relative to the margin (default :data:`DEFAULT_TOL` = 1e-4).
         clamp: optional (lo, hi) box for the adversarial point (whole space only).
-        batch_size: input rows (samples) processed together (a memory bound; None: automatic).
+        batch_size: input rows (samples) processed together (a memory bound). None: the largest
+            number that fits ``memory_budget``, from a probe of this call on the first rows
+            (:func:`pyboundary._utils.batching.plan_batch_size`); a given size is checked the
+            same way and refused (MemoryBudgetError, a ValueError) before any work when it
+            cannot fit. A chunk that still runs out of memory (CUDA) is retried in halves.
+        memory_budget: bytes the batches may use (int, ``'6GB'``, ``'40%'`` of the memory
+            available now), ``'off'`` (no probe: batches of 256), or None (the default fraction
+            of the available memory, :mod:`pyboundary._utils.memory`).
         noise_retries: restarts of failed samples from x + seeded Gaussian noise of standard
             deviation ``noise_scale`` x RMS(x) (projected on the subspace).
         seed: seed of the retry noise.
@@ -839,7 +847,7 @@ def deepfool(
     target = check_index_tensor("target", target, n, x.device)
     candidates = check_int("candidates", candidates, minimum=2)
     max_iter = check_int("max_iter", max_iter, minimum=1)
-    batch_size = resolve_batch_size(batch_size, n)
+    batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
     noise_retries = check_int("noise_retries", noise_retries, minimum=0)
     overshoot = check_number("overshoot", overshoot, minimum=0, maximum=10, strict_maximum=True)
     tol = check_number("tol", DEFAULT_TOL if tol is None else tol, minimum=0, maximum=1,
@@ -858,13 +866,18 @@ def deepfool(
                n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
                gen=make_generator(seed, x.device),
                whole_space=whole_space)
-    bs = batch_size
-    parts = []
+    def chunk(c: _Ctx, s: int, e: int) -> dict:
+        return _run_chunk(c, x[s:e], idx[s:e], None if labels is None else labels[s:e],
+                          None if target is None else target[s:e])
+
+    def probe(r: int) -> None:  # the same call on the first r rows, counted and seeded apart
+        chunk(replace(ctx, n_forward=0, n_backward=0, prune_choices=0, prune_mismatch=0, trace=[],
+                      gen=make_generator(seed, x.device)), 0, r)
+
     with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
-        for s in range(0, n, max(bs, 1)):
-            e = min(n, s + bs)
-            parts.append(_run_chunk(ctx, x[s:e], idx[s:e], None if labels is None else labels[s:e],
-                                    None if target is None else target[s:e]))
+        plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
+                               default=DEFAULT_BATCH_SIZE, unit="samples")
+        parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, plan.batch_size, device=x.device) if n else []
     if parts:
         out = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
     else:

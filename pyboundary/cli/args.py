@@ -18,7 +18,7 @@ import math
 
 __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "p_value", "add_model_data", "add_run_args",
-    "add_deepfool_args", "deepfool_kwargs", "device", "load_model_and_data",
+    "add_deepfool_args", "deepfool_kwargs", "device", "load_model_and_data", "add_memory_args", "add_stream_args",
 ]
 
 
@@ -80,6 +80,27 @@ def add_run_args(p, *, out_required: bool = False, batch_size_help: str | None =
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_memory_args(p) -> None:
+    """--memory-budget (commands whose batch size is chosen from a memory probe)."""
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory the batches may use: bytes with a unit (6GB, 512MiB), a percentage of the "
+                        "memory available now (40%%), or 'off' (no probe, batches of 256). Default: 25%% of "
+                        "the available memory on CPU, 70%% on CUDA. An explicit --batch-size that cannot fit "
+                        "is refused before the work starts.")
+
+
+def add_stream_args(p) -> None:
+    """--preprocess, --labels, --workers (image folders read lazily)."""
+    p.add_argument("--preprocess", choices=("auto", "imagenet", "none"), default="auto",
+                   help="image folders: 'imagenet' = resize 256, center crop 224, [0, 1]; 'none' = as stored; "
+                        "'auto' (default): imagenet for the built-in ImageNet models and for folders of "
+                        "mixed image sizes, else none")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="labels of a flat image folder ('<file> <label>' lines; default: DIR/labels.txt or .csv)")
+    p.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="processes reading an image folder (default 1 on CPU, 4 on CUDA; 0: in the main process)")
+
+
 def add_deepfool_args(p) -> None:
     """--p, --candidates, --max-iter, --overshoot."""
     p.add_argument("--p", type=p_value, default=2.0, help="margin norm: 2 or inf (default 2)")
@@ -104,11 +125,43 @@ def device(name: str) -> str:
     return name
 
 
-def load_model_and_data(args):
+def load_model_and_data(args, *, stream: bool = False):
     """(model on --device, dataset) from --model/--data/--split/--limit/--seed; the model is checked
-    against the data's shape and number of classes with one forward pass."""
+    against the data's shape and number of classes with one forward pass.
+
+    With ``stream`` (commands that read their data batch by batch: ``scan``), an image folder is
+    opened lazily (:func:`pyboundary.zoo.open_image_folder`, with --preprocess/--labels) and
+    only the --limit subset is ever read; its description and any skipped file are printed.
+    """
+    import os
+
     from .. import zoo
 
-    ds = zoo.load_dataset(args.data, split=args.split, limit=args.limit, seed=args.seed)
-    model = zoo.load_model(args.model, in_shape=tuple(ds.x.shape[1:]), n_classes=len(ds.classes))
+    if stream and os.path.isdir(args.data):
+        ds = _open_folder(args)
+        in_shape, n_classes = ds.image_shape, ds.n_classes
+    else:
+        ds = zoo.load_dataset(args.data, split=args.split, limit=args.limit, seed=args.seed)
+        in_shape, n_classes = tuple(ds.x.shape[1:]), len(ds.classes)
+    model = zoo.load_model(args.model, in_shape=in_shape, n_classes=n_classes)
     return model.to(device(args.device)), ds
+
+
+def _open_folder(args):
+    import warnings
+
+    from ..zoo import PRETRAINED
+    from ..zoo.streaming import open_image_folder
+
+    preprocess = args.preprocess
+    if preprocess == "auto" and args.model in PRETRAINED:
+        preprocess = "imagenet"  # the built-in pretrained models are ImageNet models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped files are printed below, one per line
+        ds = open_image_folder(args.data, split=args.split, labels_file=args.labels, preprocess=preprocess,
+                               limit=args.limit, seed=args.seed, workers=args.workers or 0,
+                               progress=not args.no_progress)
+    print(ds.describe())
+    for path, reason in ds.skipped:
+        print(f"skipped {path}: {reason}")
+    return ds

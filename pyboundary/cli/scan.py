@@ -13,8 +13,10 @@ from pathlib import Path
 from .args import (
     UsageError,
     add_deepfool_args,
+    add_memory_args,
     add_model_data,
     add_run_args,
+    add_stream_args,
     deepfool_kwargs,
     device,
     load_model_and_data,
@@ -38,6 +40,7 @@ def register(sub) -> None:
     add_run_args(demo, batch_size_help="(sample, subspace) pairs per engine call, each one input row "
                                        "(default: automatic)")
     demo.set_defaults(out="pyboundary-demo")
+    add_memory_args(demo)
     add_deepfool_args(demo)
     demo.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
     demo.set_defaults(func=cmd_demo)
@@ -48,7 +51,10 @@ def register(sub) -> None:
     add_model_data(scan)
     scan.add_argument("--subspaces", required=True, help="subspace spec, e.g. dct:K=8,T=1, dct-grid:K=8, full")
     add_run_args(scan, out_required=True,
-                 batch_size_help="(sample, subspace) pairs per engine call, each one input row (default: automatic)")
+                 batch_size_help="(sample, subspace) pairs per engine call, each one input row (default: the "
+                                 "largest batch that fits --memory-budget, from a probe of the model)")
+    add_memory_args(scan)
+    add_stream_args(scan)
     add_deepfool_args(scan)
     scan.add_argument("--resume", action="store_true", help="continue the scan stored in --out")
     scan.set_defaults(func=cmd_scan)
@@ -92,7 +98,8 @@ def _run_scan(model, ds, subspaces: str, args, model_name: str):
     store = _prepare_out(args.out, args.resume, check_existing=env is None or env[0] == 0)
     dev = device(args.device)
     kwargs = dict(p=args.p, batch_size=args.batch_size, model_name=model_name,
-                  deepfool_kwargs=deepfool_kwargs(args))
+                  deepfool_kwargs=deepfool_kwargs(args), memory_budget=args.memory_budget,
+                  workers=getattr(args, "workers", None))
     if env is not None:
         rank, world, local = env
         if dev == "cuda":
@@ -119,14 +126,25 @@ def _report(scan, out: Path) -> None:
 
 
 def cmd_scan(args) -> int:
-    model, ds = load_model_and_data(args)
+    from .._utils.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # large activations are reused, not re-mapped per batch (faster on CPU)
+    model, ds = load_model_and_data(args, stream=True)
     t0 = time.perf_counter()
     scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
     if scan is not None:
         pairs = scan.n_samples * scan.n_subspaces
-        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s")
+        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s ({_peak_memory()})")
         _report(scan, Path(args.out))
     return 0
+
+
+def _peak_memory() -> str:
+    """'peak resident memory X GiB' of this process (or of rank 0)."""
+    from .._utils.memory import format_bytes, peak_rss
+
+    peak = peak_rss()
+    return "peak resident memory unknown" if peak is None else f"peak resident memory {format_bytes(peak)}"
 
 
 def cmd_demo(args) -> int:
@@ -159,7 +177,7 @@ def cmd_show(args) -> int:
     if args.parquet:
         _require_pyarrow()
     store = store_path(args.run)
-    scan = MarginScan.load(store)
+    scan = MarginScan.load(store)  # read-only, from one snapshot: works while a scan is writing
     print(scan.format_summary())
     written = []
     if exports:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .margins import margin_scan, prepare_scan, scan_from_store
+from .margins import _channels_last_copy, _stored_grid, margin_scan, plan_scan_batches, prepare_scan, scan_from_store
 from .store import ResultStore, remove_store
 
 __all__ = ["world_from_env", "part_path", "leftover_parts", "merge_parts", "distributed_scan", "DistributedScanError"]
@@ -126,21 +126,25 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
         final = Path(store)
         part = part_path(final, rank, world)
         error = None
+        grid = [None]
         try:
-            if rank == 0:  # validate (and create) the final store before anyone computes
-                meta = prepare_scan(model, data, subspaces, **_prepare_kwargs(scan_kwargs))[-1]
+            if rank == 0:  # plan the batch grid, validate (and create) the final store before anyone computes
+                meta = _planned_meta(model, data, subspaces, final, resume, dev, scan_kwargs)
+                grid[0] = meta["batch_size"]
                 ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
                 if resume:  # parts of an earlier run, possibly with another number of processes
                     merge_parts(final)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         _gather_status(error)
+        dist.broadcast_object_list(grid, src=0)
+        rank_kwargs = {**scan_kwargs, "batch_size": grid[0], "memory_budget": "off"}  # planned on rank 0
         try:
             if not resume:
                 remove_store(part)  # a stale part of an unrelated earlier run
-            _seed_part(model, data, subspaces, final, part, scan_kwargs)
+            _seed_part(model, data, subspaces, final, part, rank_kwargs)
             margin_scan(model, data, subspaces, store=part, resume=True, device=device,
-                        progress=progress and rank == 0, shard=(rank, world), **scan_kwargs)
+                        progress=progress and rank == 0, shard=(rank, world), **rank_kwargs)
         except Exception as exc:  # noqa: BLE001
             error = exc
         _gather_status(error)
@@ -160,8 +164,39 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
 
 def _prepare_kwargs(scan_kwargs: dict) -> dict:
     """The margin_scan arguments that define the scan's metadata (prepare_scan's keywords)."""
-    keys = ("p", "labels", "batch_size", "limit", "seed", "model_name", "deepfool_kwargs")
+    keys = ("p", "labels", "limit", "seed", "model_name", "deepfool_kwargs")
     return {k: v for k, v in scan_kwargs.items() if k in keys}
+
+
+def _local_world() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _planned_meta(model, data, subspaces, final: Path, resume: bool, device, scan_kwargs) -> dict:
+    """Rank 0: the final store's metadata with the batch grid every rank will use.
+
+    The grid is planned like a single-process scan's (:func:`~pyboundary.scans.margins.plan_scan_batches`),
+    except that on CPU the ranks of one machine share its memory, so each gets the budget divided
+    by the number of local ranks (``LOCAL_WORLD_SIZE``); a resumed scan keeps its stored grid.
+    """
+    import torch
+
+    from .._utils.memory import parse_memory_budget, resolve_budget
+    src, family, params, meta = prepare_scan(model, data, subspaces, **_prepare_kwargs(scan_kwargs))
+    dev = torch.device(device)
+    budget = scan_kwargs.get("memory_budget")
+    if dev.type == "cpu" and _local_world() > 1 and parse_memory_budget(budget) != "off":
+        budget = resolve_budget(budget, dev)[0] // _local_world()
+    fast = _channels_last_copy(model, src.image_shape, dev, scan_kwargs.get("channels_last"))
+    engine_model, layout = (model, torch.contiguous_format) if fast is None else (fast, torch.channels_last)
+    grid, plan = plan_scan_batches(engine_model, src, family, params, dev, batch_size=scan_kwargs.get("batch_size"),
+                                   memory_budget=budget, grid=_stored_grid(final, resume), layout=layout)
+    meta["batch_size"] = grid
+    meta["batching"] = plan.summary()
+    return meta
 
 
 def _meta_of(path) -> dict:
@@ -172,6 +207,7 @@ def _meta_of(path) -> dict:
 def _seed_part(model, data, subspaces, final: Path, part: Path, scan_kwargs) -> None:
     """Create/validate the part store and copy into it the pairs already merged into the final store."""
     meta = prepare_scan(model, data, subspaces, **_prepare_kwargs(scan_kwargs))[-1]
+    meta["batch_size"] = scan_kwargs["batch_size"]
     with ResultStore(part, mode="resume", meta=meta) as st:
         if final.exists():
             st.merge_from(final)

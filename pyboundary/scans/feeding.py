@@ -19,7 +19,8 @@ tests of the decisions it makes, not executed.)
 :class:`ScanProgress` is the bar: pairs done out of the whole scan (pairs finished by an earlier,
 interrupted run count as done), the average rate of this run in pairs/s (tqdm with
 ``smoothing=0``: pairs computed now / time since the start, never the earlier runs' pairs) and the
-ETA from it, refreshed every second between batches so the elapsed time stays current.
+ETA from it, refreshed every second between batches on a terminal so the elapsed time stays
+current.
 """
 
 from __future__ import annotations
@@ -126,6 +127,13 @@ class BatchFeeder:
             yield chunk, xb
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class ScanProgress:
     """tqdm bar over the scan's pairs with the rate of this run and the ETA (see module docstring).
 
@@ -145,7 +153,7 @@ class ScanProgress:
             self.bar.set_postfix_str(note, refresh=False)
         self._stop = threading.Event()
         self._ticker = None
-        if enabled:
+        if enabled and _is_terminal(self.bar.fp):  # a log file gets a line per update, not per second
             self._ticker = threading.Thread(target=self._tick, name="pyboundary-progress", daemon=True)
             self._ticker.start()
 

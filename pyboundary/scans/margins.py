@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils.batching import resolve_batch_size
-from .._utils.model import model_device, predict
+from .._utils.batching import BatchPlan, plan_batch_size
+from .._utils.memory import DEFAULT_PROBE_ROWS, format_bytes
+from .._utils.model import model_device
 from .._utils.results import Result
 from .._utils.stats import summarize
 from .._utils.validation import check_int, is_inf
@@ -40,11 +41,12 @@ from ..attacks.deepfool import deepfool
 from ..subspaces import Subspace, parse_subspaces
 from ..zoo.cache import weights_hash
 from ..zoo.data import subset_indices
+from .feeding import BatchFeeder, ScanProgress, to_device
 from .plots import plot_scan
 from .store import ResultStore, StoreError
 
-__all__ = ["margin_scan", "MarginScan", "prepare_scan", "scan_from_store", "scan_metadata", "sample_keys",
-           "store_path", "RUN_STORE_NAME", "PANDAS_COLUMNS"]
+__all__ = ["margin_scan", "MarginScan", "prepare_scan", "plan_scan_batches", "scan_from_store", "scan_metadata",
+           "sample_keys", "store_path", "RUN_STORE_NAME", "PANDAS_COLUMNS"]
 
 #: the result store inside a run folder written by ``pyboundary scan --out RUN``
 RUN_STORE_NAME = "scan.sqlite"
@@ -53,7 +55,7 @@ PANDAS_COLUMNS = ("sample", "subspace", "member", "margin", "raw_margin", "itera
                   "adv_label", "label", "prediction", "correct", "sample_key")
 
 #: engine arguments that margin_scan sets itself (not engine options)
-_OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "p"}
+_OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "memory_budget", "p"}
 _GROUPS = ("all", "correct", "wrong")
 
 
@@ -189,7 +191,28 @@ class MarginScan(Result):
             lines.append(line)
         if not self.complete:
             lines.append(f"(incomplete: {int(self.done.sum())} of {self.margins.numel()} pairs computed)")
+        batch = self.batch_description()
+        if batch:
+            lines.append(batch)
         return "\n".join(lines)
+
+    def batch_description(self) -> str:
+        """One line on the batch size the scan ran with (from the metadata; '' when unknown)."""
+        grid = self.meta.get("batch_size")
+        if grid is None:
+            return ""
+        info = self.meta.get("batching") or {}
+        text = f"batches of {grid} pairs"
+        if info.get("batch_size") not in (None, grid):
+            text += f" (engine calls of {info['batch_size']})"
+        source = info.get("source")
+        if source:
+            text += f", {source}"
+        if info.get("estimated_peak_bytes") is not None:
+            text += f": estimated peak {format_bytes(info['estimated_peak_bytes'])}"
+            if info.get("budget_bytes") is not None:
+                text += f" of a {format_bytes(info['budget_bytes'])} budget ({info.get('budget_origin', '')})"
+        return text
 
     def to_pandas(self):
         """The scan as a long-format pandas DataFrame: one row per (sample, subspace) pair, sample-major.
@@ -339,7 +362,13 @@ def _write_scan(st: ResultStore, scan: MarginScan) -> None:
 
 
 def scan_from_store(st: ResultStore) -> MarginScan:
-    """Assemble the :class:`MarginScan` held by a store (pairs not stored are NaN / -1)."""
+    """Assemble the :class:`MarginScan` held by a store (pairs not stored are NaN / -1), from one
+    consistent snapshot (the store may be growing: a scan still running)."""
+    with st.snapshot():
+        return _scan_from_snapshot(st)
+
+
+def _scan_from_snapshot(st: ResultStore) -> MarginScan:
     meta = st.meta
     try:
         n, s = int(meta["n_samples"]), int(meta["n_subspaces"])
@@ -414,25 +443,76 @@ def _nullable(pd, values, n: int, dtype: str):
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _unpack_data(data, labels, limit, seed):
-    """(x (N, ...) float, labels (N,) int64 or None, identity str, name str)."""
+class _Source:
+    """The scan's samples: an in-memory tensor, or a map-style dataset read batch by batch.
+
+    Attributes:
+        data: (N, C, H, W) tensor, or a dataset whose items are ``(image (C, H, W), label)``.
+        labels: (N,) int64 or None; identity, name: for the metadata; image_shape: (C, H, W).
+    """
+
+    def __init__(self, data, labels, identity, name, image_shape):
+        self.data, self.labels, self.identity, self.name = data, labels, identity, name
+        self.image_shape = tuple(image_shape)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0]) if isinstance(self.data, Tensor) else len(self.data)
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.data, Tensor)
+
+    def images(self, samples) -> Tensor:
+        """(k, C, H, W) the images of ``samples`` (read directly, for the memory probe)."""
+        if not self.streamed:
+            return self.data[torch.as_tensor(samples)]
+        return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in samples])
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """The items ``indices`` of a map-style dataset (a seeded subset of a stream)."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.data[self.indices[i]]
+
+
+def _check_labels(y, n: int):
+    y = torch.as_tensor(y)
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.shape != (n,):
+        raise ValueError(f"labels must be an integer tensor of shape ({n},), got {y.dtype} {tuple(y.shape)}")
+    return y.to(torch.int64).cpu()
+
+
+def _unpack_data(data, labels, limit, seed) -> _Source:
+    """The scan's :class:`_Source` from a tensor, an in-memory dataset (``.x``) or a streamed one."""
+    limit = check_int("limit", limit, minimum=1, allow_none=True)
+    if isinstance(data, Tensor) or hasattr(data, "x"):
+        return _unpack_tensor(data, labels, limit, seed)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and hasattr(data, "image_shape"):
+        return _unpack_stream(data, labels, limit, seed)
+    raise TypeError("data must be a tensor (N, C, H, W), a dataset with .x and .labels, or a streamed "
+                    "dataset with __getitem__, __len__ and image_shape (pyboundary.zoo.open_image_folder), "
+                    f"got {type(data).__name__}")
+
+
+def _unpack_tensor(data, labels, limit, seed) -> _Source:
     if isinstance(data, Tensor):
         x, y, identity, name = data, None, None, "tensor"
-    elif hasattr(data, "x"):
+    else:
         x, y = data.x, getattr(data, "labels", None)
         identity, name = getattr(data, "identity", None), str(getattr(data, "name", type(data).__name__))
-    else:
-        raise TypeError(f"data must be a tensor (N, C, H, W) or a dataset with .x and .labels, got {type(data).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"data: x must be a floating-point tensor (N, ...), got {getattr(x, 'shape', type(x))}")
     if labels is not None:
         y = labels
     if y is not None:
-        y = torch.as_tensor(y)
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.shape != (x.shape[0],):
-            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        y = y.to(torch.int64).cpu()
-    limit = check_int("limit", limit, minimum=1, allow_none=True)
+        y = _check_labels(y, x.shape[0])
     pick = subset_indices(x.shape[0], limit, seed)
     if pick is not None:
         x, y = x[pick], (None if y is None else y[pick])
@@ -445,7 +525,28 @@ def _unpack_data(data, labels, limit, seed):
         identity = h.hexdigest()[:16]
     elif pick is not None:
         identity = f"{identity}[limit={limit},seed={seed}]"
-    return x, y, identity, name
+    return _Source(x, y, identity, name, x.shape[1:])
+
+
+def _unpack_stream(data, labels, limit, seed) -> _Source:
+    n, shape = len(data), tuple(data.image_shape)
+    name = str(getattr(data, "name", None) or type(data).__name__)
+    y = labels if labels is not None else getattr(data, "labels", None)
+    if y is not None:
+        y = _check_labels(y, n)
+        if bool((y < 0).any()):
+            y = None  # an unlabelled stream marks labels as -1
+    identity = getattr(data, "identity", None)
+    if not identity:
+        raise ValueError("a streamed dataset needs an .identity (a content key for the result store); "
+                         "open folders with pyboundary.zoo.open_image_folder")
+    if labels is not None:
+        identity = hashlib.sha256(f"{identity}\0".encode() + y.numpy().tobytes()).hexdigest()[:16]
+    pick = subset_indices(n, limit, seed)
+    if pick is not None:
+        data, y = _Indexed(data, pick), (None if y is None else y[pick])
+        identity = f"{identity}[limit={limit},seed={seed}]"
+    return _Source(data, y, identity, name, shape)
 
 
 def _engine():
@@ -477,15 +578,16 @@ def _model_identity(model, model_name) -> dict:
     return {"name": name, "weights_hash": digest}
 
 
-def scan_metadata(model, family, x, y, identity, data_name, params, model_name=None) -> dict:
-    """The metadata that defines a scan (what a resume must match)."""
+def scan_metadata(model, family, src, params, model_name=None) -> dict:
+    """The metadata that defines a scan (what a resume must match); the batch grid
+    (``batch_size``) is added by :func:`margin_scan` once planned."""
     return {
         "kind": "margin_scan",
         "model": _model_identity(model, model_name),
-        "data": {"name": data_name, "identity": identity},
-        "n_samples": int(x.shape[0]),
-        "image_shape": list(x.shape[1:]),
-        "has_labels": y is not None,
+        "data": {"name": src.name, "identity": src.identity},
+        "n_samples": len(src),
+        "image_shape": list(src.image_shape),
+        "has_labels": src.labels is not None,
         "subspaces": family.spec_or_name(),
         "n_subspaces": int(family.n_members),
         "subspace_labels": list(family.member_labels()),
@@ -495,13 +597,13 @@ def scan_metadata(model, family, x, y, identity, data_name, params, model_name=N
     }
 
 
-def _resolve_family(subspaces, x):
+def _resolve_family(subspaces, image_shape: tuple):
     if isinstance(subspaces, str):
-        return parse_subspaces(subspaces, tuple(x.shape[1:]))
+        return parse_subspaces(subspaces, tuple(image_shape))
     if not isinstance(subspaces, Subspace):
         raise TypeError(f"subspaces must be a Subspace or a spec string, got {type(subspaces).__name__}")
-    if tuple(subspaces.image_shape) != tuple(x.shape[1:]):
-        raise ValueError(f"subspaces are for image shape {subspaces.image_shape}, data has {tuple(x.shape[1:])}")
+    if tuple(subspaces.image_shape) != tuple(image_shape):
+        raise ValueError(f"subspaces are for image shape {subspaces.image_shape}, data has {tuple(image_shape)}")
     return subspaces
 
 
@@ -518,22 +620,84 @@ def _open_store(store, resume, meta):
 
 
 # ---------------------------------------------------------------------------------- scan
-def prepare_scan(model, data, subspaces, *, p=2, labels=None, batch_size=None, limit=None, seed=0,
-                 model_name=None, deepfool_kwargs=None):
-    """Validate a scan's inputs: (x, labels or None, family, engine params, metadata).
+def prepare_scan(model, data, subspaces, *, p=2, labels=None, limit=None, seed=0, model_name=None,
+                 deepfool_kwargs=None):
+    """Validate a scan's inputs: (source, family, engine params, metadata).
 
-    Same arguments as :func:`margin_scan`; the metadata is what a resumed store must match.
+    Same arguments as :func:`margin_scan`. The metadata is what a resumed store must match, but
+    for the batch grid (``meta['batch_size']``), which :func:`plan_scan_batches` adds.
     """
-    x, y, identity, data_name = _unpack_data(data, labels, limit, seed)
-    family = _resolve_family(subspaces, x)
+    src = _unpack_data(data, labels, limit, seed)
+    family = _resolve_family(subspaces, src.image_shape)
     if deepfool_kwargs is not None and not isinstance(deepfool_kwargs, dict):
         raise TypeError(f"deepfool_kwargs must be a dict or None, got {type(deepfool_kwargs).__name__}")
     params = _engine_params(p, dict(deepfool_kwargs or {}))
     family.check_p(params["p"], torch.arange(family.n_members))
-    meta = scan_metadata(model, family, x, y, identity, data_name, params, model_name)
-    # the batch grid decides which pairs share an engine call, hence the numbers: part of the scan
-    meta["batch_size"] = resolve_batch_size(batch_size)
-    return x, y, family, params, meta
+    meta = scan_metadata(model, family, src, params, model_name)
+    return src, family, params, meta
+
+
+#: most pairs per batch an automatic choice makes on CPU: at 28x28 throughput is flat from 256 to
+#: 1260 pairs (benchmarks/README.md), while a larger batch shows progress later and loses more
+#: work when killed; on CUDA larger batches keep the device busy
+MAX_AUTO_PAIRS = {"cpu": 256, "cuda": 4096}
+#: the grid of stores written before batch sizes were recorded (the former default)
+LEGACY_BATCH_SIZE = 256
+
+
+def _stored_grid(store, resume: bool) -> int | None:
+    """The batch grid of the store a resume continues (None: a new scan)."""
+    if not resume or store is None:
+        return None
+    if isinstance(store, ResultStore):
+        meta = store.meta
+    elif Path(store).exists():
+        with ResultStore(store, mode="read") as st:
+            meta = st.meta
+    else:
+        return None
+    return int(meta.get("batch_size") or LEGACY_BATCH_SIZE)
+
+
+def plan_scan_batches(model, src: _Source, family, params: dict, device, *, batch_size=None, memory_budget=None,
+                      grid: int | None = None, layout=torch.contiguous_format) -> tuple[int, BatchPlan]:
+    """(grid batch size, :class:`BatchPlan` of the engine calls) for a scan.
+
+    A new scan (``grid`` None) probes the engine on the first pairs (one warm-up and two measured
+    runs of full DeepFool calls, see :func:`pyboundary._utils.batching.plan_batch_size`) and
+    takes the largest batch that fits the memory budget, at most :data:`MAX_AUTO_PAIRS` and
+    rounded down to whole images (all members of an image in one batch share the engine's first
+    passes); an explicit ``batch_size`` is checked instead and refused
+    (:class:`~pyboundary._utils.batching.MemoryBudgetError`) when it cannot fit. A resumed scan
+    keeps its stored ``grid`` (so every pair is computed in the same batch as before); its
+    engine calls take the largest part of a grid batch that fits now (or the explicit
+    ``batch_size``, checked), so a batch of the grid may be split into several calls.
+    """
+    dev = torch.device(device)
+    n_pairs = len(src) * family.n_members
+    cap = MAX_AUTO_PAIRS.get(dev.type, MAX_AUTO_PAIRS["cpu"]) if grid is None else grid
+    wanted = batch_size if grid is None or batch_size is None else min(batch_size, grid)
+    run = _probe_run(model, src, family, params, dev, layout)
+    plan = plan_batch_size(run, n_pairs, device=dev, batch_size=wanted, memory_budget=memory_budget,
+                           default=cap, max_batch_size=cap, align=family.n_members, unit="pairs")
+    return (plan.batch_size if grid is None else grid), plan
+
+
+def _probe_run(model, src: _Source, family, params, dev, layout):
+    """run(r): one engine call on the first r pairs of the grid (for the memory probe)."""
+    n_images = min(len(src), -(-max(DEFAULT_PROBE_ROWS) // family.n_members))
+    images = src.images(range(n_images))
+    pairs = torch.stack([torch.arange(n_images).repeat_interleave(family.n_members),
+                         torch.arange(family.n_members).repeat(n_images)], 1)
+    opts = {k: v for k, v in params.items() if k != "p"}
+    engine = _engine()
+
+    def run(r: int):
+        xb = to_device(images[pairs[:r, 0]], dev).contiguous(memory_format=layout)
+        engine(model, xb, p=params["p"], subspace=family, subspace_index=pairs[:r, 1].to(dev),
+               batch_size=r, memory_budget="off", **opts)
+
+    return run
 
 
 def margin_scan(
@@ -544,12 +708,14 @@ def margin_scan(
     p=2,
     labels=None,
     batch_size: int | None = None,
+    memory_budget=None,
     store=None,
     resume: bool = False,
     limit: int | None = None,
     seed: int = 0,
     progress: bool = True,
     device=None,
+    workers: int | None = None,
     model_name: str | None = None,
     shard: tuple[int, int] | None = None,
     channels_last: bool | None = None,
@@ -559,24 +725,37 @@ def margin_scan(
 
     Args:
         model: callable (N, C, H, W) -> (N, L) logits (left unchanged: eval mode inside).
-        data: tensor x (N, C, H, W), or a dataset with ``.x`` (and ``.labels``, ``.identity``, ``.name``).
+        data: tensor x (N, C, H, W); a dataset with ``.x`` (and ``.labels``, ``.identity``,
+            ``.name``); or a streamed dataset of ``(image, label)`` items with ``image_shape``,
+            ``labels`` and ``identity`` (:func:`pyboundary.zoo.open_image_folder`), read batch
+            by batch by a DataLoader (see :mod:`pyboundary.scans.feeding`).
         subspaces: a :class:`~pyboundary.subspaces.Subspace` family or a spec (``dct:K=8,T=1``).
         p: 2 or inf (norm of the margins).
         labels: (N,) int64 true labels (default ``data.labels``); used to split the summary by
             correctly/wrongly classified samples. The margin is always measured from the model's
             own prediction.
-        batch_size: (sample, member) pairs per engine call, each one input row (None: automatic);
-            bounds memory. It fixes the batch grid, so a resumed scan must use the same value.
+        batch_size: (sample, member) pairs per engine call, each one input row. None: the
+            largest batch that fits ``memory_budget``, measured by probing the engine on the
+            first pairs (:func:`plan_scan_batches`). A given size is checked the same way and
+            refused before any work when it cannot fit. The batch size fixes the batch grid
+            (recorded as ``meta['batch_size']``, with the evidence under ``meta['batching']``);
+            a resumed scan keeps the grid of its store.
+        memory_budget: bytes the engine's batches may use: an int, ``'6GB'``, ``'40%'`` (of the
+            memory available now), or ``'off'`` (no probe, no check; default batch 256). Default:
+            :data:`pyboundary._utils.memory.DEFAULT_BUDGET_FRACTION` of the memory available now.
         store: None, a path of a result store (SQLite), or an open ResultStore. A path that
             exists is refused unless ``resume``.
         resume: continue the scan in ``store`` (its metadata must match; done pairs are skipped).
         limit, seed: scan a seeded random subset of ``limit`` samples of ``data`` (sorted indices;
             the subset for a smaller limit is part of the one for a larger limit), the same subset
             as ``pyboundary.zoo.load_dataset(name, limit=limit, seed=seed)`` and as
-            ``pyboundary scan --limit --seed``. The data identity records it.
-        progress: tqdm bar over pairs.
+            ``pyboundary scan --limit --seed``. The data identity records it. A streamed
+            dataset reads only the chosen images.
+        progress: tqdm bar over pairs (rate of this run in pairs/s, ETA).
         device: where the engine runs (default: the model's parameters' device, else CPU);
-            the data is moved there batch by batch.
+            the data is moved there batch by batch (pinned, non-blocking copies on CUDA).
+        workers: loader processes for a streamed dataset (None: 1 on CPU, 4 on CUDA; 0: read
+            in this process).
         model_name: recorded in the metadata (default: the model's class name).
         shard: (rank, world): scan only the batches b of the fixed batch grid with
             b % world == rank (used by :mod:`pyboundary.scans.distributed`); the returned scan has NaN
@@ -593,11 +772,12 @@ def margin_scan(
     Returns:
         MarginScan (CPU tensors). With a store, it is read back from the store, so it includes
         pairs computed by earlier (interrupted) runs.
+    Raises:
+        MemoryBudgetError (a ValueError): ``batch_size`` cannot fit in the memory budget.
     """
-    x, y, family, params, meta = prepare_scan(model, data, subspaces, p=p, labels=labels, batch_size=batch_size,
-                                              limit=limit, seed=seed, model_name=model_name,
-                                              deepfool_kwargs=deepfool_kwargs)
-    batch_size = meta["batch_size"]
+    batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
+    src, family, params, meta = prepare_scan(model, data, subspaces, p=p, labels=labels, limit=limit, seed=seed,
+                                             model_name=model_name, deepfool_kwargs=deepfool_kwargs)
     dev = torch.device(device) if device is not None else model_device(model, "cpu")
     _check_shard(shard)
     if store is not None and meta["model"]["weights_hash"] is None and model_name is None:
@@ -606,24 +786,26 @@ def margin_scan(
             "it is the same model; pass model_name='...' naming it uniquely (or scan an nn.Module, "
             "whose weights are hashed)"
         )
+    fast = _channels_last_copy(model, src.image_shape, dev, channels_last)
+    engine_model, layout = (model, torch.contiguous_format) if fast is None else (fast, torch.channels_last)
+    grid, plan = plan_scan_batches(engine_model, src, family, params, dev, batch_size=batch_size,
+                                   memory_budget=memory_budget, grid=_stored_grid(store, resume), layout=layout)
+    meta["batch_size"] = grid
+    meta["batching"] = plan.summary()
     st, opened = _open_store(store, resume, meta)
     try:
-        batches = _batch_grid(x.shape[0], family.n_members, batch_size, shard)
-        samples = torch.unique(torch.cat([b[:, 0] for b in batches])) if batches else torch.arange(0)
-        preds = torch.full((x.shape[0],), -1, dtype=torch.int64)
-        preds[samples] = predict(model, x[samples], batch_size=batch_size, device=dev).cpu()
-        keys = sample_keys(x)
+        batches = _batch_grid(len(src), family.n_members, grid, shard)
+        total = sum(int(b.shape[0]) for b in batches)
         if st is not None:
-            st.write_samples(samples.numpy(), None if y is None else y[samples].numpy(), preds[samples].numpy())
-            st.write_sample_keys(samples.numpy(), keys[samples.numpy()])
             batches = _drop_done(batches, family.n_members, st)
-        acc = _Accumulator(x.shape[0], family.n_members)
-        fast = _channels_last_copy(model, x, dev, channels_last)
-        engine_model, layout = (model, torch.contiguous_format) if fast is None else (fast, torch.channels_last)
-        _run_pairs(engine_model, x, family, batches, params, dev, st, acc, progress, layout)
+        acc = _Accumulator(len(src), family.n_members)
+        left = sum(int(b.shape[0]) for b in batches)
+        with ScanProgress(total, total - left, enabled=progress, note=f"batch {plan.batch_size}") as bar:
+            _run_pairs(engine_model, src, family, batches, params, dev, st, acc, bar, layout,
+                       plan.batch_size, workers)
         if st is not None:
             return scan_from_store(st)
-        return acc.to_scan(y, preds, family, params["p"], meta, keys)
+        return acc.to_scan(src.labels, family, params["p"], meta)
     finally:
         if opened:
             st.close()
@@ -678,6 +860,9 @@ class _Accumulator:
         self.iters = torch.full((n, s), -1, dtype=torch.int64)
         self.conv = torch.zeros((n, s), dtype=torch.bool)
         self.adv = torch.full((n, s), -1, dtype=torch.int64)
+        self.preds = torch.full((n,), -1, dtype=torch.int64)
+        self.keys = np.zeros(n, dtype=np.int64)
+        self.has_key = np.zeros(n, dtype=bool)
 
     def add(self, si, sj, res) -> None:
         self.margins[si, sj] = res.margin.detach().cpu().double()
@@ -685,16 +870,29 @@ class _Accumulator:
         self.iters[si, sj] = res.iterations.detach().cpu().long()
         self.conv[si, sj] = res.converged.detach().cpu().bool()
         self.adv[si, sj] = res.adv_label.detach().cpu().long()
+        # the engine's reference class of every pair is the clean prediction of its sample
+        self.preds[si] = res.orig_label.detach().cpu().long()
 
-    def to_scan(self, y, preds, family, p, meta, keys) -> MarginScan:
-        return MarginScan(self.margins, self.raw, self.iters, self.conv, self.adv, y, preds,
+    def add_keys(self, si: Tensor, xb: Tensor) -> np.ndarray:
+        """Content keys of the batch's samples (from their first pair's image); returns
+        (samples, keys) of the samples seen for the first time."""
+        samples, first = np.unique(si.numpy(), return_index=True)
+        new = ~self.has_key[samples]
+        if new.any():
+            self.keys[samples[new]] = sample_keys(xb[torch.from_numpy(first[new]).to(xb.device)])
+            self.has_key[samples[new]] = True
+        return samples[new], self.keys[samples[new]]
+
+    def to_scan(self, y, family, p, meta) -> MarginScan:
+        keys = torch.from_numpy(self.keys) if self.has_key.all() else None  # a shard knows only its samples
+        return MarginScan(self.margins, self.raw, self.iters, self.conv, self.adv, y, self.preds,
                           family.spec_or_name(), list(family.member_labels()),
-                          family.grid_shape, p, meta, torch.from_numpy(keys))
+                          family.grid_shape, p, meta, keys)
 
 
-def _channels_last_copy(model, x: Tensor, dev, wanted: bool | None):
+def _channels_last_copy(model, image_shape: tuple, dev, wanted: bool | None):
     """A channels-last copy of the model for the engine, or None (see margin_scan's channels_last)."""
-    if wanted is False or x.dim() != 4 or not isinstance(model, torch.nn.Module):
+    if wanted is False or len(image_shape) != 3 or not isinstance(model, torch.nn.Module):
         return None
     if wanted is None:
         has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -708,24 +906,25 @@ def _channels_last_copy(model, x: Tensor, dev, wanted: bool | None):
         return None
 
 
-def _run_pairs(model, x, family, batches, params, dev, st, acc, progress, layout=torch.contiguous_format) -> None:
-    """One engine call per batch of mixed (sample, member) pairs; each batch stored as it finishes."""
-    from tqdm.auto import tqdm
-
+def _run_pairs(model, src: _Source, family, batches, params, dev, st, acc, bar, layout, engine_batch: int,
+               workers) -> None:
+    """One engine call per batch of mixed (sample, member) pairs (split into calls of at most
+    ``engine_batch`` pairs by the engine); each batch stored as it finishes."""
     deepfool = _engine()
     opts = {k: v for k, v in params.items() if k != "p"}
-    total = sum(int(b.shape[0]) for b in batches)
-    bar = tqdm(total=total, unit="pair", desc="margin scan", disable=not progress, leave=False)
-    try:
-        for chunk in batches:
-            si, sj = chunk[:, 0], chunk[:, 1]
-            xb = x[si].to(dev).contiguous(memory_format=layout)
-            res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev),
-                           batch_size=int(chunk.shape[0]), **opts)
-            acc.add(si, sj, res)
-            if st is not None:
-                st.write_pairs(si.numpy(), sj.numpy(), acc.margins[si, sj].numpy(), acc.raw[si, sj].numpy(),
-                               acc.iters[si, sj].numpy(), acc.conv[si, sj].numpy(), acc.adv[si, sj].numpy())
-            bar.update(int(chunk.shape[0]))
-    finally:
-        bar.close()
+    feeder = BatchFeeder(src.data, batches, dev, workers=workers, layout=layout)
+    for chunk, xb in feeder:
+        si, sj = chunk[:, 0], chunk[:, 1]
+        res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev),
+                       batch_size=min(engine_batch, int(chunk.shape[0])), memory_budget="off", **opts)
+        acc.add(si, sj, res)
+        new_samples, new_keys = acc.add_keys(si, xb)
+        if st is not None:
+            samples = torch.unique(si)
+            st.write_samples(samples.numpy(), None if src.labels is None else src.labels[samples].numpy(),
+                             acc.preds[samples].numpy())
+            if new_samples.size:
+                st.write_sample_keys(new_samples, new_keys)
+            st.write_pairs(si.numpy(), sj.numpy(), acc.margins[si, sj].numpy(), acc.raw[si, sj].numpy(),
+                           acc.iters[si, sj].numpy(), acc.conv[si, sj].numpy(), acc.adv[si, sj].numpy())
+        bar.update(int(chunk.shape[0]))

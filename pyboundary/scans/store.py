@@ -24,7 +24,10 @@ Opening rules (never overwrite silently):
 * ``mode='create'`` refuses an existing file;
 * ``mode='resume'`` creates the file if absent, else checks the stored metadata against the given
   one and refuses, naming the differing keys, when they differ;
-* ``mode='read'`` opens an existing store read-only (in spirit: nothing is written).
+* ``mode='read'`` opens an existing store read-only (an SQLite ``mode=ro`` connection: nothing
+  can be written). It never blocks a scan that is writing the same store, nor waits for it: in
+  WAL mode readers and the writer do not lock each other out, and :meth:`ResultStore.snapshot`
+  gives a set of reads one consistent view (``pyboundary show`` on a running scan).
 
 A file that is not SQLite, or SQLite without this schema, gives a ValueError saying so.
 """
@@ -36,6 +39,8 @@ import math
 import os
 import re
 import sqlite3
+import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -49,7 +54,7 @@ STORE_KIND = "pyboundary-result-store"
 SAMPLE_KEYS_TABLE = "sample_keys"
 
 #: metadata keys that may differ on resume (they record, they do not define, the results)
-VOLATILE_KEYS = frozenset({"versions", "created", "store_kind", "schema_version", "command"})
+VOLATILE_KEYS = frozenset({"versions", "created", "store_kind", "schema_version", "command", "batching"})
 
 _MARGIN_COLUMNS = ("sample", "subspace", "margin", "raw_margin", "iterations", "converged", "adv_label")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -142,7 +147,11 @@ class ResultStore:
     @staticmethod
     def _connect(path: Path, writable: bool) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
+            if writable:
+                conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
+            else:
+                uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
             if writable:  # WAL is persistent: readers need no pragma (and may lack write access)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -229,6 +238,20 @@ class ResultStore:
                 return False
 
         return _Tx()
+
+    @contextmanager
+    def snapshot(self):
+        """Reads inside the block see one consistent state of the store (a read transaction),
+        even while another process adds batches; nested use is a no-op."""
+        self._require_open()
+        if self._conn.in_transaction:
+            yield self
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self._conn.execute("COMMIT")
 
     def _require_open(self) -> None:
         if self._conn is None:

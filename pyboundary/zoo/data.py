@@ -15,8 +15,9 @@ foolbox-cifar10     foolbox's 20 labelled 32x32 samples                      tes
 foolbox-cifar100    foolbox's 20 labelled 32x32 samples                      test/all
 foolbox-mnist       foolbox's 20 labelled 28x28 samples                      test/all
 foolbox-fmnist      foolbox's 20 labelled 28x28 samples                      test/all
-<folder path>       class-per-folder images (``root/<class>/*.png``), or      see load_folder
-                    ``root/<split>/<class>/*.png``
+<folder path>       class-per-folder images (``root/<class>/*.png``),         see load_folder
+                    ``root/<split>/<class>/*.png``, or flat + labels.txt
+                    (large folders: ``zoo.streaming.open_image_folder``)
 ==================  =======================================================  =================
 
 ``digits`` and ``mnist5k`` have no official split: a fixed class-stratified split (seed 0, 25 %
@@ -87,7 +88,6 @@ PACKAGE_PHOTOS = "package-photos"
 
 DATASETS = ("digits", "fashion-mnist", "mnist5k") + tuple(_FOOLBOX) + (PACKAGE_PHOTOS,)
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".webp"}
 _FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _IMAGENET_SIZE = (224, 224)
 
@@ -359,59 +359,24 @@ def _load_foolbox(name: str):
     return x, torch.tensor(labels, dtype=torch.int64), list(classes)
 
 
-def _folder_images(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+def load_folder(root, split: str = "test", labels_file=None):
+    """Read an image folder into memory: returns (x, labels, classes).
 
-
-def load_folder(root, split: str = "test"):
-    """Read a class-per-folder image tree: returns (x, y, classes).
-
-    Layouts: ``root/<class>/<image>`` (one set, served for split "test" or "all"), or
-    ``root/<split>/<class>/<image>`` when root holds only ``train``/``test``/``val`` folders
-    ("all" concatenates train and test). Classes are the sorted class folder names. Images are
-    read with PIL; all must share one size. If every image is single-channel the result has
-    C = 1, otherwise all are converted to RGB (C = 3). Pixel values are divided by 255.
+    The layouts, class indices (WordNet ids, integer names, or sorted names) and bad-file rules
+    are those of :func:`pyboundary.zoo.streaming.open_image_folder`, with the images as stored
+    (``preprocess='none'``): they must share one size; C = 1 if every image is grey-scale, else
+    RGB; values / 255. An unusable file is refused (ValueError naming it), and a flat folder
+    needs a labels file. For folders too large for memory, stream them with
+    :func:`~pyboundary.zoo.streaming.open_image_folder` instead.
     """
-    from PIL import Image
+    from .streaming import open_image_folder
 
-    root = Path(root)
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
-    split_layout = bool(subdirs) and set(subdirs) <= {"train", "test", "val"}
-    if split_layout:
-        valid = [s for s in ("train", "test") if s in subdirs] + (["val"] if "val" in subdirs else [])
-        valid += ["all"]
-        _check_split(split, valid, str(root))
-        parts = [s for s in ("train", "test") if s in subdirs] if split == "all" else [split]
-        class_sets = [sorted(p.name for p in (root / s).iterdir() if p.is_dir()) for s in parts]
-        classes = sorted(set().union(*class_sets))
-        dirs = [root / s for s in parts]
-    else:
-        _check_split(split, ("test", "all"), str(root))
-        classes = subdirs
-        dirs = [root]
-    if not classes:
-        raise ValueError(f"folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
-    paths, labels = [], []
-    for d in dirs:
-        for label, cls in enumerate(classes):
-            if (d / cls).is_dir():
-                found = _folder_images(d / cls)
-                paths += found
-                labels += [label] * len(found)
-    if not paths:
-        raise ValueError(f"folder {str(root)!r} has no images with suffixes {sorted(_IMAGE_SUFFIXES)}")
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            im.load()
-            images.append(im.copy())
-    sizes = {im.size for im in images}
-    if len(sizes) != 1:
-        raise ValueError(f"folder {str(root)!r}: images must share one size, found (W, H) sizes {sorted(sizes)}")
-    gray = all(im.mode in ("1", "L", "I", "I;16", "F") for im in images)
-    arrays = [np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8) for im in images]
-    x = _to_float_images(np.stack(arrays), 255.0)
-    return x, torch.tensor(labels, dtype=torch.int64), classes
+    stream = open_image_folder(root, split=split, labels_file=labels_file, preprocess="none", on_bad="error")
+    if stream.labels is None:
+        raise ValueError(f"folder {str(root)!r} has no class sub-folders and no labels file "
+                         "(expected root/<class>/<image>, or labels.txt next to the images)")
+    x = torch.stack([stream[i][0] for i in range(len(stream))])
+    return x, stream.labels, list(stream.classes)
 
 
 # ----------------------------------------------------------------------------- public API

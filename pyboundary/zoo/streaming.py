@@ -45,7 +45,7 @@ Bad files
     :class:`BadImageError` naming it.
 
 Subsets: ``limit``/``seed`` draw a seeded subset of the listing (the same rule as
-:func:`pyboundary.data.load_dataset`) before any file is opened, so the others are never read.
+:func:`pyboundary.zoo.data.subset_indices`) before any file is opened, so the others are never read.
 Identity: a hash of the relative paths, file sizes, labels, class mapping, preprocessing and
 subset (not of the pixels: hashing a large folder would read all of it).
 """
@@ -62,6 +62,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .._utils.validation import check_choice, check_int
+from .data import subset_indices
 
 __all__ = [
     "ImageFolderStream", "BadImageError", "open_image_folder", "imagenet_wnids", "PREPROCESSING",
@@ -349,7 +352,7 @@ class ImageFolderStream(torch.utils.data.Dataset):
         preprocess: 'imagenet' or 'none' (what ``auto`` resolved to).
         image_shape: (C, H, W) of every item.
         skipped: [(path, reason)] of the files left out as unusable.
-        name, split, identity: as for :class:`pyboundary.data.ImageDataset`.
+        name, split, identity: as for :class:`pyboundary.zoo.data.ImageDataset`.
     """
 
     root: Path
@@ -381,11 +384,6 @@ class ImageFolderStream(torch.utils.data.Dataset):
         """Number of classes the labels index (None when the folder names are indices or unlabelled:
         the model defines the classes)."""
         return len(self.classes) if self.class_index in ("wordnet", "names") else None
-
-    @property
-    def y(self) -> Tensor | None:
-        """The labels (an alias matching :class:`~pyboundary.data.ImageDataset`)."""
-        return self.labels
 
     def describe(self) -> str:
         """One line: size, layout, preprocessing, skipped files."""
@@ -428,28 +426,25 @@ def open_image_folder(
         ValueError: bad arguments, an unusable layout, bad files with ``on_bad='error'``, or no
             usable image left. FileNotFoundError: a missing root or labels file.
     """
-    from ..data import _check_limit, _limit_indices
-
     if isinstance(root, os.PathLike):
         root = os.fspath(root)
     if not isinstance(root, str):
         raise TypeError(f"root must be a folder path, got {type(root).__name__}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no folder at {root!r}")
-    if preprocess not in PREPROCESSING:
-        raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {preprocess!r}")
-    if check not in ("full", "header"):
-        raise ValueError(f"check must be 'full' or 'header', got {check!r}")
-    if on_bad not in ("skip", "error"):
-        raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    check_choice("preprocess", preprocess, PREPROCESSING)
+    check_choice("check", check, ("full", "header"))
+    check_choice("on_bad", on_bad, ("skip", "error"))
+    check_choice("class_index", class_index, ("auto", "wordnet", "index", "names"))
     if not isinstance(split, str):
         raise TypeError(f"split must be a str, got {type(split).__name__}")
-    _check_limit(limit)
+    limit = check_int("limit", limit, minimum=1, allow_none=True)
+    workers = check_int("workers", workers, minimum=0)
     listing = _list_folder(Path(root), split, labels_file, class_index)
     n = len(listing.paths)
     if n == 0:
         raise ValueError(f"folder {root!r} has no images with suffixes {sorted(IMAGE_SUFFIXES)}")
-    idx = _limit_indices(n, limit, seed)
+    idx = subset_indices(n, limit, seed)
     chosen = list(range(n)) if idx is None else idx.tolist()
     paths = [listing.paths[i] for i in chosen]
     labels = None if listing.labels is None else [listing.labels[i] for i in chosen]
@@ -474,8 +469,9 @@ def open_image_folder(
         shape = (3, IMAGENET_CROP, IMAGENET_CROP)
     else:
         if len(sizes) != 1:
-            raise ValueError(f"preprocess='none' needs images of one size; {root!r} has (W, H) sizes "
-                             f"{sorted(sizes)[:5]}{' ...' if len(sizes) > 5 else ''}: use preprocess='imagenet'")
+            raise ValueError(f"folder {root!r}: with preprocess='none' the images must share one size, found "
+                             f"(W, H) sizes {sorted(sizes)[:5]}{' ...' if len(sizes) > 5 else ''} "
+                             "(preprocess='imagenet' resizes and crops them)")
         (w, h), = sizes
         grey = all(report[i][3] in _GREY_MODES for i in keep)
         shape = (1 if grey else 3, h, w)

@@ -1,11 +1,12 @@
-"""The batch-size estimator (pyboundary._utils.memory): probe, budget, refusal, back-off."""
+"""The batch-size estimator (pyboundary._utils.memory and .batching): probe, budget, refusal, back-off."""
 
 import pytest
 import torch
 
+from pyboundary._utils import batching
 from pyboundary._utils import memory as mem
-from pyboundary._utils.memory import (BackoffState, MemoryBudgetError, map_with_backoff, measure_peak,
-                                      parse_memory_budget, plan_batch_size)
+from pyboundary._utils.batching import BackoffState, MemoryBudgetError, map_with_backoff, plan_batch_size
+from pyboundary._utils.memory import measure_peak, parse_memory_budget
 
 MiB = 2**20
 
@@ -159,9 +160,9 @@ def test_backoff_reraises_at_one_row_and_other_errors_pass_through():
 
 def test_cpu_allocator_failure_counts_as_out_of_memory():
     err = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
-    assert mem.is_out_of_memory(err)
-    assert mem.is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
-    assert not mem.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert batching.is_out_of_memory(err)
+    assert batching.is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
+    assert not batching.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 # ------------------------------------------------------------------------------ CUDA statistics, emulated
