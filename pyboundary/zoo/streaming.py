@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._utils.results import Result
 from .._utils.validation import check_choice, check_int
 from .data import subset_indices
 
@@ -338,7 +339,7 @@ def _inspect_all(paths, full: bool, workers: int, progress: bool) -> list:
 
 # ------------------------------------------------------------------------------ the dataset
 @dataclass(eq=False)
-class ImageFolderStream(torch.utils.data.Dataset):
+class ImageFolderStream(Result, torch.utils.data.Dataset):
     """A labelled image folder read lazily (see the module docstring).
 
     Items: ``(x (C, H, W) float32 in [0, 1], label int)`` (label -1 when unlabelled).
@@ -384,6 +385,11 @@ class ImageFolderStream(torch.utils.data.Dataset):
         """Number of classes the labels index (None when the folder names are indices or unlabelled:
         the model defines the classes)."""
         return len(self.classes) if self.class_index in ("wordnet", "names") else None
+
+    def summary(self) -> dict:
+        return {"name": self.name, "split": self.split, "n": len(self), "image_shape": list(self.image_shape),
+                "n_classes": self.n_classes, "class_index": self.class_index, "preprocess": self.preprocess,
+                "skipped": len(self.skipped), "identity": self.identity}
 
     def describe(self) -> str:
         """One line: size, layout, preprocessing, skipped files."""

@@ -229,3 +229,18 @@ def test_reuse_freed_memory_keeps_large_blocks():
         assert out.returncode == 0, out.stderr
         new_pages[mode] = int(out.stdout.split()[-1])
     assert new_pages["default"] >= 60 and new_pages["reuse"] < 8, new_pages
+
+
+def test_automatic_batch_is_aligned_and_capped():
+    fake_probe = mem.MemoryProbe(rows=(2, 4), peaks=(0, 0), per_row=1.0 * MiB, fixed=0.0)
+    assert batching._largest_fit(fake_probe, 100 * MiB, cap=1000) == int(100 / mem.SAFETY)
+    assert batching._largest_fit(fake_probe, 100 * MiB, cap=50) == 50
+
+
+def test_plan_aligns_an_automatic_batch_to_whole_images(monkeypatch):
+    monkeypatch.setattr(batching, "probe_memory", lambda run, dev, rows: mem.MemoryProbe(rows, (0, 0), 1.0 * MiB, 0.0))
+    monkeypatch.setattr(batching, "cpu_peak_supported", lambda: True)
+    plan = plan_batch_size(lambda r: None, 10_000, device="cpu", memory_budget=100 * MiB, align=14, unit="pairs")
+    assert plan.batch_size == 84 and plan.source == "auto"  # 86 fit, 6 whole images of 14 members
+    capped = plan_batch_size(lambda r: None, 10_000, device="cpu", memory_budget=100 * MiB, max_batch_size=30)
+    assert capped.batch_size == 30
