@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..._utils.batching import chunks, resolve_batch_size
+from ..._utils.batching import DEFAULT_BATCH_SIZE, chunks, plan_batch_size
 from ..._utils.model import check_logits, model_guard
 from ..._utils.rng import make_generator
 from ..._utils.validation import check_choice, check_finite, check_inputs, check_model
@@ -125,6 +125,30 @@ def _grad_rows(model, rows: Tensor, i: Tensor, j: Tensor, shape, batch_size: int
         cost.forward += xb.shape[0]
         cost.backward += xb.shape[0]
     return torch.cat(vals).to(rows.dtype), torch.cat(grads).to(rows.dtype)
+
+
+def curvature_batch_size(model, x: Tensor, batch_size: int | None, scheme: str = "central") -> int:
+    """Rows per model call for curvature work on inputs x (N, ...): ``batch_size`` checked against
+    the memory available, or (None) the largest that fits the default memory budget, at most
+    :data:`~pyboundary._utils.batching.DEFAULT_BATCH_SIZE` (see
+    :func:`pyboundary._utils.batching.plan_batch_size`). The probe is the heaviest unit of the
+    work: one input gradient per row (a gradient and a Hessian-vector product by double backward
+    for ``scheme='exact'``), on rows of x. Inputs of at most 4 rows are not probed."""
+    flat, shape = x.reshape(x.shape[0], -1), tuple(x.shape[1:])
+    exact = scheme == "exact"
+
+    def run(r: int) -> None:
+        rows = flat[torch.arange(r, device=x.device) % flat.shape[0]]
+        i = torch.zeros(r, dtype=torch.long, device=x.device)
+        xb, _, g = _pair_grad(model, rows, i, i + 1, shape, create_graph=exact)
+        if exact and g.requires_grad:
+            with torch.enable_grad():
+                torch.autograd.grad(g.sum(), xb, allow_unused=True)
+
+    with model_guard(model):
+        plan = plan_batch_size(run, max(flat.shape[0], DEFAULT_BATCH_SIZE), device=x.device, batch_size=batch_size,
+                               default=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE, unit="rows")
+    return plan.batch_size
 
 
 def _exact_hvp_rows(model, rows, w, i, j, shape, batch_size, cost):
@@ -251,7 +275,7 @@ def hessian_vector_product(
     check_model(model)
     x = check_curvature_inputs(x)
     scheme = check_choice("scheme", scheme, SCHEMES)
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = curvature_batch_size(model, x, batch_size, scheme)
     if not isinstance(v, Tensor):
         raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
     check_finite("v", v)

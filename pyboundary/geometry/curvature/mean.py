@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..._utils.batching import chunks, resolve_batch_size
+from ..._utils.batching import chunks
 from ..._utils.model import model_guard
 from ..._utils.results import Result
 from ..._utils.validation import check_choice, check_int, check_model
 from .hvp import (
+    curvature_batch_size,
     DEFAULT_H_REL,
     SCHEMES,
     _fd_setup,
@@ -154,7 +155,7 @@ def mean_curvature(
     x = check_curvature_inputs(x)
     scheme = check_choice("scheme", scheme, SCHEMES)
     n_dirs = check_int("n_dirs", n_dirs, minimum=1)
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = curvature_batch_size(model, x, batch_size, scheme)
     if estimator not in ("hutchinson", "trace", "both"):
         raise ValueError(f"estimator must be 'hutchinson', 'trace' or 'both', got {estimator!r}")
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()

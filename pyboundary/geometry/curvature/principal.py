@@ -10,13 +10,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..._utils.batching import chunks, resolve_batch_size
+from ..._utils.batching import chunks
 from ..._utils.model import model_guard
 from ..._utils.results import Result
 from ..._utils.rng import make_generator
 from ..._utils.validation import check_choice, check_int, check_model
 from ...attacks.deepfool import deepfool
 from .hvp import (
+    curvature_batch_size,
     DEFAULT_H_REL,
     SCHEMES,
     RowCost,
@@ -206,7 +207,7 @@ def principal_curvatures(
     check_model(model)
     x = check_curvature_inputs(x)
     scheme = check_choice("scheme", scheme, SCHEMES)
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = curvature_batch_size(model, x, batch_size, scheme)
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
     k = check_int("k", k, minimum=1)
     if k > d - 1:

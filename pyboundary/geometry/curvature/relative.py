@@ -22,6 +22,7 @@ from ..._utils.validation import (
     check_number,
 )
 from .hvp import (
+    curvature_batch_size,
     DEFAULT_H_REL,
     SCHEMES,
     RowCost,
@@ -141,7 +142,7 @@ def relative_curvature(
     n_dirs = check_int("n_dirs", n_dirs, minimum=1)
     n, shape, d = xs.shape[0], tuple(xs.shape[1:]), xs[0].numel()
     basis = _check_basis(U, d, xs.dtype, xs.device)
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = curvature_batch_size(model, xs, batch_size, scheme)
     m = basis.shape[1]
     hs, cost, flat, gen = _fd_setup(xs, d, h, h_rel, seed)
     with model_guard(model):
@@ -205,7 +206,7 @@ def noise_accuracy(
     x = check_curvature_inputs(x)
     n_draws = check_int("n_draws", n_draws, minimum=1)
     radius = check_number("radius", radius, minimum=0, strict_minimum=True)
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = resolve_batch_size(batch_size)  # forward rows only: light
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
     lab = check_labels(labels, n, device=x.device)
     basis = _check_basis(U, d, x.dtype, x.device)
