@@ -21,7 +21,7 @@ and reverse model rows per pair (ours from the engine's trace, published by coun
 margin, peak resident memory per process (VmHWM, polled), and the ratio to the published method.
 Margins are compared on the pairs both computed.
 
-Run (from the repo root; ~10 min on the shared 2-core machine):
+Run (from the repo root; ~10 min on the shared 2-core machine; results: benchmarks/README.md):
     nice -n 10 .venv/bin/python benchmarks/bench_scan_imagenet.py --n 4 --n-published 2 --threads 2
 """
 
