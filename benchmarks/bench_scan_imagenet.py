@@ -70,11 +70,9 @@ def _rows_counter():
 def worker_ours(n: int, threads: int, batch_size: int | None) -> dict:
     import torch
 
-    from pyboundary._utils.memory import reuse_freed_memory
     from pyboundary.scans.margins import margin_scan
 
     torch.set_num_threads(threads)
-    reuse_freed_memory()  # as the command line does
     model, ds = _load(n)
     rows = _rows_counter()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -235,8 +233,8 @@ def format_table(res: dict) -> str:
     lines = [f"EfficientNet-Lite0, {DATA}, {SPEC}, L2; ours: {res['n']} images x 14 members; published: "
              f"{res['n_published']} images x members {res['members']}; {res['threads']} threads per process "
              f"(torchrun: 1 per rank)",
-             f"| run | pairs | pairs/s | CPU-s/pair | fwd rows/pair | rev rows/pair | median margin | "
-             f"peak RSS per process | pairs/s vs published |",
+             "| run | pairs | pairs/s | CPU-s/pair | fwd rows/pair | rev rows/pair | median margin | "
+             "peak RSS per process | pairs/s vs published |",
              "|---|---|---|---|---|---|---|---|---|"]
     ours_m = rows["ours, 1 process"]["margins"]
     for name, r in rows.items():

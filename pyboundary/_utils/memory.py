@@ -15,8 +15,6 @@ The batch-size planner (:mod:`pyboundary._utils.batching`) builds on these:
   counts). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   what was allocated before.
 * :func:`probe_memory`: a linear model ``need(b) = fixed + b * per_row`` from two measured runs.
-* :func:`reuse_freed_memory`: keep glibc from unmapping large freed blocks (much faster CPU
-  scans at 224x224).
 
 Units: bytes everywhere.
 """
@@ -34,7 +32,7 @@ import torch
 __all__ = [
     "DEFAULT_BUDGET_FRACTION", "DEFAULT_PROBE_ROWS", "SAFETY", "MemoryProbe", "available_memory",
     "parse_memory_budget", "resolve_budget", "measure_peak", "probe_memory", "cpu_peak_supported",
-    "format_bytes", "reuse_freed_memory", "peak_rss",
+    "format_bytes", "peak_rss",
 ]
 
 #: fraction of the memory available now that an automatic batch may use, per device type. On CPU
@@ -209,32 +207,6 @@ def _trim_heap() -> None:
             _libc.malloc_trim(0)
         except AttributeError:  # pragma: no cover - not glibc
             pass
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of unmapping it (process-wide, Linux).
-
-    By default glibc serves every allocation above 32 MiB with its own ``mmap`` and returns it
-    with ``munmap`` when freed, so each such tensor costs the kernel a page fault per 4 KiB page
-    (and zeroing) on every use. At 224x224 a batch of 28 (image, subspace) pairs through
-    EfficientNet-Lite0 makes many 40+ MiB activations per DeepFool iteration: measured on this
-    2-core machine, 43 % of the scan's CPU time was system time, and the scan took 0.81 CPU-s
-    per pair against 0.64 with this setting (``M_MMAP_MAX=0``: no per-allocation mappings,
-    ``M_TRIM_THRESHOLD`` high: freed memory stays in the heap for the next batch). The resident
-    set then stays near the peak of a batch instead of shrinking between batches, which the
-    batch budget already allows for. The command line applies it to its own process; library
-    users may call it. Returns False where it does not apply (not glibc).
-    """
-    global _libc
-    _trim_heap()  # loads libc
-    if not _libc:
-        return False
-    try:
-        ok = _libc.mallopt(-4, 0)  # M_MMAP_MAX
-        ok = _libc.mallopt(-1, 2**30) and ok  # M_TRIM_THRESHOLD (int: 1 GiB of free top memory kept)
-    except AttributeError:  # pragma: no cover - not glibc
-        return False
-    return bool(ok)
 
 
 def peak_rss() -> int | None:

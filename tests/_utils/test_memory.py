@@ -201,36 +201,6 @@ def test_cuda_probe_uses_allocator_statistics(monkeypatch):
         plan_batch_size(fake.run, 10_000, device="cuda:0", batch_size=200, unit="pairs")
 
 
-@pytest.mark.slow
-def test_reuse_freed_memory_keeps_large_blocks():
-    """In fresh processes: a 64 MiB tensor allocated and freed again and again faults in 64 MiB of
-    new pages every time by default (glibc maps and unmaps it), none after reuse_freed_memory()."""
-    import subprocess
-    import sys
-    import textwrap
-
-    if not mem.cpu_peak_supported():
-        pytest.skip("needs Linux /proc")
-    code = textwrap.dedent("""
-        import sys, torch
-        from pyboundary._utils import memory as m
-        if sys.argv[1] == "reuse":
-            assert m.reuse_freed_memory()
-        for _ in range(3):  # warm-up cycles
-            t = torch.ones(2**24); del t
-        m._reset_rss_peak()
-        base = m._proc_status_kib("VmRSS")
-        t = torch.ones(2**24); del t
-        print((m._proc_status_kib("VmHWM") - base) // 1024)  # MiB of new pages at the peak
-    """)
-    new_pages = {}
-    for mode in ("default", "reuse"):
-        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        new_pages[mode] = int(out.stdout.split()[-1])
-    assert new_pages["default"] >= 60 and new_pages["reuse"] < 8, new_pages
-
-
 def test_automatic_batch_is_aligned_and_capped():
     fake_probe = mem.MemoryProbe(rows=(2, 4), peaks=(0, 0), per_row=1.0 * MiB, fixed=0.0)
     assert batching._largest_fit(fake_probe, 100 * MiB, cap=1000) == int(100 / mem.SAFETY)
