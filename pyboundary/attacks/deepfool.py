@@ -110,6 +110,11 @@ DEFAULT_NOISE_SCALE = 1e-2
 _MAX_REFINE_ROUNDS = 60
 #: Refinement treats scores within this many ulps of the largest |logit| as "not adversarial".
 _NOISE_ULPS = 16
+#: Inside a subspace, a candidate's coordinate gradient shorter than this many ulps of its
+#: whole-space gradient is rounding noise of the analysis (the model is invariant inside the
+#: member): it is zeroed, so that candidate is never chosen (distance inf) instead of giving a
+#: step of ~1e15 along noise that "crosses" the boundary through the rounding error.
+_INVARIANT_ULPS = 64
 #: Pruned gradients re-forward the rows that keep several candidates when they are at most this
 #: fraction of the batch (see _split_gradients).
 _SPLIT_FRACTION = 0.5
@@ -531,6 +536,9 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
     with torch.no_grad():
         gc = ctx.space._analysis(g.reshape((n * Jp,) + g.shape[2:]), ch.idx[ar].repeat_interleave(Jp))
         gc = gc.reshape(n, Jp, -1)
+        if not ctx.whole_space:
+            noise = _INVARIANT_ULPS * torch.finfo(gc.dtype).eps * g.reshape(n, Jp, -1).norm(dim=2)
+            gc = gc.masked_fill((gc.norm(dim=2) <= noise).unsqueeze(2), 0.0)
         ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
         _remember_norms(ch, ar, _dual_norm(gc, ctx.p), slots, mask)
         # aim past the float-noise band of the flip test (and further with a clamp)

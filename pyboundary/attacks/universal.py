@@ -39,6 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils.model import CallCounter, model_device, predict
+from .._utils.results import Result
+from .._utils.validation import check_inputs, check_int, check_model, check_number, check_p
+from .deepfool import deepfool
+
 __all__ = [
     "universal_perturbation",
     "UniversalPerturbation",
@@ -58,54 +63,10 @@ _DEFAULT_DEEPFOOL = {"refine": False, "overshoot": 0.02, "max_iter": 50}
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _check_p(p) -> float:
-    if isinstance(p, str):
-        if p.lower() in ("inf", "linf", "l-inf"):
-            return math.inf
-        if p == "2":
-            return 2.0
-    elif isinstance(p, (int, float)) and not isinstance(p, bool):
-        if p == 2:
-            return 2.0
-        if math.isinf(p) and p > 0:
-            return math.inf
-    raise ValueError(f"p must be 2 or inf (or 'inf'/'linf'), got {p!r}")
-
-
-def _check_int(name: str, value, lo: int, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
-def _check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = (value > lo if lo_open else value >= lo) and value <= hi and math.isfinite(value)
-    if not ok:
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{lo:g}, {hi:g}], got {value!r}")
-    return value
-
-
 def _inputs(data, name: str = "data") -> Tensor:
     """x (N, ...) floating point from a tensor or a dataset with ``.x``."""
     x = data.x if hasattr(data, "x") and not isinstance(data, Tensor) else data
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a tensor (N, ...) or a dataset with .x, got {type(data).__name__}")
-    if not x.is_floating_point() or x.dim() < 2:
-        raise ValueError(f"{name} must be a floating-point tensor (N, ...) with N >= 1, got "
-                         f"{x.dtype} {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains non-finite values")
-    return x
+    return check_inputs(name, x, allow_empty=False)
 
 
 def _lp_norm(v: Tensor, p: float) -> Tensor:
@@ -120,30 +81,11 @@ def project_lp(v: Tensor, eps: float, p) -> Tensor:
     p = 2 scales v down to norm eps when it is longer; p = inf clips every coordinate to
     [-eps, eps] (the Euclidean projection onto the L-inf ball in both cases).
     """
-    p = _check_p(p)
+    p = check_p(p)
     if math.isinf(p):
         return v.clamp(-eps, eps)
     norm = float(v.norm())
     return v * (eps / norm) if norm > eps else v
-
-
-def _model_device(model, x: Tensor) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for t in model.parameters():
-            return t.device
-    return x.device
-
-
-def _predict(model, x: Tensor, batch_size: int | None, device) -> Tensor:
-    """(N,) int64 argmax predictions on CPU, ``batch_size`` rows per call (None: all at once)."""
-    from pyboundary.utils import forward_logits, model_guard
-
-    step = x.shape[0] if batch_size is None else batch_size
-    out = []
-    with model_guard(model), torch.no_grad():
-        for s in range(0, x.shape[0], max(step, 1)):
-            out.append(forward_logits(model, x[s:s + step].to(device)).argmax(1).cpu())
-    return torch.cat(out)
 
 
 def fooling_rate(model: Callable, x, perturbation: Tensor, *, batch_size: int | None = None,
@@ -157,12 +99,11 @@ def fooling_rate(model: Callable, x, perturbation: Tensor, *, batch_size: int | 
         batch_size: inputs per model call (None: all at once).
         predictions: the clean predictions (N,) if already known.
     """
+    check_model(model)
     x = _inputs(x, "x")
-    v = _as_single(perturbation, x)
-    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True)
-    device = _model_device(model, x)
-    clean = _predict(model, x, batch_size, device) if predictions is None else predictions.cpu()
-    return float((_predict(model, x + v.to(x.dtype).to(x.device), batch_size, device) != clean).double().mean())
+    v = _as_single(perturbation, x).to(x.device, x.dtype)
+    clean = predict(model, x, batch_size=batch_size) if predictions is None else predictions.to(x.device)
+    return float((predict(model, x + v, batch_size=batch_size) != clean).double().mean())
 
 
 def _as_single(v, x: Tensor) -> Tensor:
@@ -179,7 +120,7 @@ def _as_single(v, x: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------ result
 @dataclass
-class UniversalPerturbation:
+class UniversalPerturbation(Result):
     """Result of :func:`universal_perturbation`.
 
     Attributes:
@@ -282,19 +223,15 @@ def universal_perturbation(
     Returns:
         :class:`UniversalPerturbation` (``reached`` says whether the target was met).
     """
-    from pyboundary.deepfool import deepfool
-
-    if not callable(model):
-        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    check_model(model)
     x = _inputs(data)
-    p = _check_p(p)
-    target = _check_float("fooling_rate", fooling_rate, 0.0, 1.0)
-    if eps is not None:
-        eps = _check_float("eps", eps, 0.0)
-    growth = _check_float("growth", growth, 1.0)
-    max_passes = _check_int("max_passes", max_passes, 1)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
-    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True)
+    p = check_p(p)
+    target = check_number("fooling_rate", fooling_rate, minimum=0.0, maximum=1.0, strict_minimum=True)
+    eps = check_number("eps", eps, minimum=0.0, strict_minimum=True, allow_none=True)
+    growth = check_number("growth", growth, minimum=1.0, strict_minimum=True)
+    max_passes = check_int("max_passes", max_passes, minimum=1)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
     dkw = dict(_DEFAULT_DEEPFOOL)
     dkw.update(deepfool_kwargs or {})
     for own in ("p", "labels", "target", "subspace", "subspace_index"):
@@ -303,11 +240,9 @@ def universal_perturbation(
     if batch_size is not None:
         dkw.setdefault("batch_size", batch_size)
 
-    n, device = x.shape[0], _model_device(model, x)
+    n = x.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
-    clean = _predict(model, x, batch_size, device)
-    cost = {"forward": 1, "backward": 0, "deepfool": 0}
-    run = _Run(model, x, clean, p, dkw, batch_size, device, cost, deepfool)
+    run = _Run(model, x, p, dkw, batch_size)
 
     radius = eps
     if radius is None:
@@ -340,8 +275,8 @@ def universal_perturbation(
         v, rate = run.shrink(v, target, rate)
     return UniversalPerturbation(
         perturbation=v, p=p, norm=float(_lp_norm(v.unsqueeze(0), p)[0]), eps=float(radius), fooling_rate=rate,
-        target=target, reached=reached, n=n, passes=passes, history=history, n_deepfool=cost["deepfool"],
-        n_forward=cost["forward"], n_backward=cost["backward"],
+        target=target, reached=reached, n=n, passes=passes, history=history, n_deepfool=run.n_deepfool,
+        n_forward=run.counter.calls + run.engine_forward, n_backward=run.engine_backward,
         params={"eps": eps, "growth": growth, "max_passes": max_passes, "chunk_size": chunk_size,
                 "refine": refine, "seed": seed, "deepfool": {k: repr(val) for k, val in dkw.items()}},
     )
@@ -356,35 +291,38 @@ def _bar(progress: bool, total: int):
 
 
 class _Run:
-    """The state shared by the passes of one construction (model, data, clean labels, cost)."""
+    """The state shared by the passes of one construction: model, data, clean labels and cost."""
 
-    def __init__(self, model, x, clean, p, dkw, batch_size, device, cost, deepfool):
-        self.model, self.x, self.clean, self.p, self.dkw = model, x, clean, p, dkw
-        self.batch_size, self.device, self.cost, self.deepfool = batch_size, device, cost, deepfool
+    def __init__(self, model, x: Tensor, p: float, dkw: dict, batch_size: int | None):
+        self.model, self.x, self.p, self.dkw, self.batch_size = model, x, p, dkw, batch_size
+        self.device = model_device(model, x.device)
+        self.counter = CallCounter()
+        self.engine_forward = self.engine_backward = self.n_deepfool = 0
+        self.clean = self.predict(x)
 
     def predict(self, xs: Tensor) -> Tensor:
-        self.cost["forward"] += 1
-        return _predict(self.model, xs, self.batch_size, self.device)
+        return predict(self.model, xs, batch_size=self.batch_size, device=self.device, counter=self.counter)
 
     def rate(self, v: Tensor) -> float:
         return float((self.predict(self.x + v) != self.clean).double().mean())
 
     def attack(self, xs: Tensor):
-        res = self.deepfool(self.model, xs.to(self.device), p=self.p, **self.dkw)
-        self.cost["deepfool"] += xs.shape[0]
-        self.cost["forward"] += res.n_forward
-        self.cost["backward"] += res.n_backward
+        res = deepfool(self.model, xs.to(self.device), p=self.p, **self.dkw)
+        self.n_deepfool += xs.shape[0]
+        self.engine_forward += res.n_forward
+        self.engine_backward += res.n_backward
         return res
 
     def margins(self, rows: Tensor) -> Tensor:
         """L_p DeepFool margins of the inputs ``rows`` (converged ones only)."""
-        res = self.attack(self.x[rows])
+        res = self.attack(self.x[rows.to(self.x.device)])
         ok = res.converged & torch.isfinite(res.margin)
         return res.margin[ok].double().cpu()
 
     def one_pass(self, v: Tensor, order: Tensor, radius: float, chunk: int) -> tuple[Tensor, int]:
         """One visit of all inputs in ``order``; returns (v, number of updates)."""
         updates = 0
+        order = order.to(self.x.device)
         for s in range(0, order.shape[0], chunk):
             rows = order[s:s + chunk]
             still = self.predict(self.x[rows] + v) == self.clean[rows]
@@ -393,11 +331,12 @@ class _Run:
                 continue
             res = self.attack(self.x[rows] + v)
             good = (res.converged & (res.adv_label != res.orig_label)).cpu()
+            step = res.perturbation.to(v.device, v.dtype)
             for i in torch.nonzero(good).flatten().tolist():
                 # an earlier update of this chunk may already fool this input
                 if i > 0 and bool(self.predict(self.x[rows[i:i + 1]] + v)[0] != self.clean[rows[i]]):
                     continue
-                v = project_lp(v + res.perturbation[i].to(v.device, v.dtype), radius, self.p)
+                v = project_lp(v + step[i], radius, self.p)
                 updates += 1
         return v, updates
 
@@ -416,7 +355,7 @@ class _Run:
 
 # ------------------------------------------------------------------------------------ evaluation
 @dataclass
-class UniversalEvaluation:
+class UniversalEvaluation(Result):
     """Result of :func:`evaluate_universal` on a set of (held-out) inputs.
 
     Attributes:
@@ -485,21 +424,21 @@ def evaluate_universal(
     Returns:
         :class:`UniversalEvaluation`.
     """
+    check_model(model)
     x = _inputs(x, "x")
     if isinstance(perturbation, UniversalPerturbation):
         p = perturbation.p if p is None else p
         perturbation = perturbation.perturbation
     if p is None:
         raise ValueError("p is required when perturbation is a tensor")
-    p = _check_p(p)
+    p = check_p(p)
     v = _as_single(perturbation, x).to(x.device, x.dtype)
-    n_random = _check_int("n_random", n_random, 1)
-    batch_size = _check_int("batch_size", batch_size, 1, allow_none=True)
+    n_random = check_int("n_random", n_random, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
     norm = float(_lp_norm(v.unsqueeze(0), p)[0])
     if norm == 0:
         raise ValueError("perturbation is zero: nothing to evaluate")
-    device = _model_device(model, x)
-    clean = _predict(model, x, batch_size, device)
+    clean = predict(model, x, batch_size=batch_size)
     rate = fooling_rate(model, x, v, batch_size=batch_size, predictions=clean)
     gen = torch.Generator().manual_seed(int(seed))
     rates = []

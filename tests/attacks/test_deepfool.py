@@ -530,3 +530,28 @@ def test_float64_input_to_float32_model_is_a_clear_type_error():
     model = model.float()
     with pytest.raises(TypeError, match=r"x of dtype torch.float64.*parameters are torch.float32"):
         deepfool(model, x.double())
+
+
+def test_model_invariant_inside_a_member_fails_instead_of_a_huge_margin():
+    """The boundary of a binary affine model whose w has no component in a DCT block never meets
+    that block: the margin there is inf (not the ~1e15 a step along rounding noise would give),
+    while a block that w touches keeps its exact margin."""
+    from analytic import BinaryAffine
+
+    from pyboundary import ops
+
+    g = torch.Generator().manual_seed(5)
+    coeffs = torch.randn(1, 1, 16, 16, generator=g, dtype=torch.float64)
+    coeffs[..., :4, :4] = 0.0  # no low-frequency component
+    w = ops.idct2(coeffs).reshape(-1)
+    model = BinaryAffine(w, 0.2)
+    x = torch.randn(6, 1, 16, 16, generator=g, dtype=torch.float64)
+    fam = DCTDiagonal((1, 16, 16), K=4, T=4)
+    res = deepfool(model, x, subspace=fam, subspace_index=torch.zeros(6, dtype=torch.int64))
+    assert not bool(res.converged.any()) and bool(torch.isinf(res.margin).all())
+    res = deepfool(model, x, subspace=fam, subspace_index=torch.ones(6, dtype=torch.int64))
+    proj = fam.project(w.reshape(1, 1, 16, 16), torch.ones(1, dtype=torch.int64)).reshape(-1)
+    exact = (x.flatten(1) @ w + 0.2).abs() / proj.norm()
+    assert bool(res.converged.all())
+    ratio = res.margin / exact
+    assert bool((ratio >= 1 - 1e-12).all() and (ratio <= 1 + 1e-4).all())

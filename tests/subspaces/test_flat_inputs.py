@@ -1,6 +1,6 @@
 """Subspaces of flat inputs (vectors of shape (D,)): families, the engine and margin scans.
 
-Ground truth: for an affine binary classifier F(x) = w.x + b (logits (0, F)), the L2 margin of x
+Ground truth: for an affine binary classifier F(x) = w.x + b (logits (F, 0), tests/analytic.py), the L2 margin of x
 inside a subspace S with orthonormal basis B is |F(x)| / ||B^T w||, and inside the orthogonal
 complement of span(V) it is |F(x)| / ||w - V V^T w||.
 """
@@ -9,22 +9,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from analytic import BinaryAffine
 
 import pyboundary as pb
 
 D = 100
-
-
-class Affine2(nn.Module):
-    def __init__(self, w, b=0.3):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(b, dtype=w.dtype))
-
-    def forward(self, x):
-        s = x.reshape(x.shape[0], -1) @ self.w + self.b
-        return torch.stack([torch.zeros_like(s), s], 1)
 
 
 def _orthonormal(d, m, seed):
@@ -33,12 +22,18 @@ def _orthonormal(d, m, seed):
     return q
 
 
+def _close_above(margin, exact, tol=1e-4):
+    """The engine's refined margin lies in [exact, exact (1 + tol)] (tol: its default refinement)."""
+    ratio = margin / exact
+    assert bool((ratio >= 1 - 1e-12).all()) and bool((ratio <= 1 + tol).all()), ratio
+
+
 @pytest.fixture
 def affine():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(D, generator=g, dtype=torch.float64)
     x = torch.randn(12, D, generator=g, dtype=torch.float64)
-    return Affine2(w), x, w
+    return BinaryAffine(w, 0.3), x, w
 
 
 def test_user_basis_on_vectors_round_trips():
@@ -77,15 +72,16 @@ def test_random_full_directions_and_specs_on_vectors():
 
 @pytest.mark.parametrize("spec", ["dct:K=8", "dct-grid:K=4"])
 def test_dct_families_refuse_vectors_clearly(spec):
-    with pytest.raises(ValueError, match=r"DCT subspaces need images \(C, H, W\) or \(H, W\).*\(100,\)"):
+    with pytest.raises(ValueError, match=r"DCT subspaces need images of shape \(C, H, W\) or \(H, W\), "
+                                         r"got \(100,\)"):
         pb.parse_subspaces(spec, (D,))
     with pytest.raises(ValueError, match=r"DCT subspaces need images"):
         pb.DCTDiagonal((D,), K=8)
 
 
-@pytest.mark.parametrize("shape", [(0,), (2, 3, 4, 5), ()])
+@pytest.mark.parametrize("shape", [(0,), (), (3, 0)])
 def test_bad_shapes(shape):
-    with pytest.raises(ValueError, match=r"image_shape must be \(D,\), \(H, W\) or \(C, H, W\)"):
+    with pytest.raises(ValueError, match=r"image_shape must be a non-empty shape of positive sizes"):
         pb.FullSpace(shape)
 
 
@@ -94,13 +90,13 @@ def test_engine_margins_in_flat_subspaces_match_closed_form(affine):
     f = (x @ w + 0.3).abs()
     b = _orthonormal(D, 5, 3)
     res = pb.deepfool(model, x, subspace=pb.UserBasis(b, (D,)))
-    torch.testing.assert_close(res.margin, f / (b.T @ w).norm(), rtol=1e-6, atol=0)
+    _close_above(res.margin, f / (b.T @ w).norm())
     v = torch.randn(1, D, dtype=torch.float64)
     dirs = pb.Directions(v, (D,), complement=True)
     res = pb.deepfool(model, x, subspace=dirs, subspace_index=torch.ones(12, dtype=torch.int64))
     q = dirs.set_basis(0)
     perp = w - q @ (q.T @ w)
-    torch.testing.assert_close(res.margin, f / perp.norm(), rtol=1e-6, atol=0)
+    _close_above(res.margin, f / perp.norm())
 
 
 def test_margin_scan_of_vector_data(affine, tmp_path):
@@ -110,7 +106,7 @@ def test_margin_scan_of_vector_data(affine, tmp_path):
     fam = pb.Directions(u.unsqueeze(0), (D,), complement=True)
     scan = pb.margin_scan(model, x, fam, p=2, progress=False, store=tmp_path / "s.sqlite")
     # along w itself the margin is |F| / ||w||; its complement never reaches the boundary
-    torch.testing.assert_close(scan.margins[:, 0], f / w.norm(), rtol=1e-6, atol=0)
+    _close_above(scan.margins[:, 0], f / w.norm())
     assert bool(torch.isinf(scan.margins[:, 1]).all()) and not bool(scan.converged[:, 1].any())
     back = pb.MarginScan.load(tmp_path / "s.sqlite")
     assert torch.equal(back.margins, scan.margins)

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from analytic import BinaryAffine
 from torch import nn
 
+from pyboundary.attacks.deepfool import deepfool
 from pyboundary.attacks.universal import (
     UniversalPerturbation,
     evaluate_universal,
@@ -17,24 +19,11 @@ from pyboundary.attacks.universal import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-class Linear2(nn.Module):
-    """Logits (0, w.x + b): class 1 iff w.x + b > 0 (float64)."""
-
-    def __init__(self, w, b):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(float(b), dtype=w.dtype))
-
-    def forward(self, x):
-        s = x.reshape(x.shape[0], -1) @ self.w + self.b
-        return torch.stack([torch.zeros_like(s), s], 1)
-
-
 def _linear_case(D=20, N=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(D, generator=g, dtype=torch.float64)
-    model = Linear2(w, 0.5)
-    # inputs all on the class-1 side with known scores t_i = w.x_i + b in [0.2, 3]
+    model = BinaryAffine(w, 0.5)  # logits (w.x + b, 0)
+    # inputs all on the class-0 side with known scores t_i = w.x_i + b in [0.2, 3]
     t = 0.2 + 2.8 * torch.rand(N, generator=g, dtype=torch.float64)
     noise = torch.randn(N, D, generator=g, dtype=torch.float64)
     noise -= (noise @ w).unsqueeze(1) * w / (w @ w)  # no component along w
@@ -124,8 +113,6 @@ def test_small_cnn_beats_random_noise_by_far(cnn):
     assert not model.training and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(q.grad is None for q in model.parameters())
     # one perturbation for most inputs is longer than the typical per-input minimal perturbation
-    from pyboundary.deepfool import deepfool
-
     assert res.norm > float(deepfool(model, train).margin.median())
 
 
