@@ -25,14 +25,19 @@ _EXPORTS = {
     # attacks
     "deepfool": "attacks.deepfool", "DeepFoolResult": "attacks.deepfool",
     "pgd": "attacks.pgd", "pgd_batch_transform": "attacks.pgd",
+    "universal_perturbation": "attacks.universal", "UniversalPerturbation": "attacks.universal",
+    "evaluate_universal": "attacks.universal", "UniversalEvaluation": "attacks.universal",
+    "fooling_rate": "attacks.universal",
     # subspaces
     "Subspace": "subspaces", "FullSpace": "subspaces", "DCTDiagonal": "subspaces", "DCTGrid": "subspaces",
     "RandomSubspaces": "subspaces", "UserBasis": "subspaces", "Directions": "subspaces",
     "parse_subspaces": "subspaces",
     # data and models
-    "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "load_package_photos": "zoo.photos", "T1": "zoo.synthetic", "T2": "zoo.synthetic",
+    "load_dataset": "zoo.data", "ImageDataset": "zoo.data", "load_package_photos": "zoo.photos",
+    "T1": "zoo.synthetic", "T2": "zoo.synthetic",
     "open_image_folder": "zoo.streaming", "ImageFolderStream": "zoo.streaming",
-    "SyntheticDataset": "zoo.synthetic", "reference_model": "zoo.cache", "load_model": "zoo.specs",
+    "SyntheticDataset": "zoo.synthetic", "reference_model": "zoo.cache", "train_cached": "zoo.cache",
+    "derived_dataset": "zoo.data", "load_model": "zoo.specs",
     "build_model": None, "train": "zoo.training", "accuracy": "zoo.training",
     # margin scans and dynamics
     "margin_scan": "scans.margins", "MarginScan": "scans.margins", "ResultStore": "scans.store",
@@ -61,6 +66,8 @@ _EXPORTS = {
     "curvature_report": "experiments.curvature_report", "CurvatureReport": "experiments.curvature_report",
     "finetune_experiment": "experiments.finetune", "FinetuneResult": "experiments.finetune",
     "track": "experiments.tracking_run", "TrackingRun": "experiments.tracking_run",
+    "run_entry": "experiments.reproduce", "ReproduceResult": "experiments.reproduce",
+    "list_entries": "experiments.reproduce",
 }
 _RENAMED = {"build_model": ("zoo.architectures", "build")}
 

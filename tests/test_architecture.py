@@ -186,7 +186,8 @@ def test_cli_has_exactly_the_documented_commands():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(COMMANDS)
-    assert COMMANDS == ("demo", "scan", "show", "compare", "detect", "curvature", "topology", "track")
+    assert COMMANDS == ("demo", "scan", "show", "compare", "detect", "curvature", "topology", "track",
+                        "reproduce")
 
 
 def test_subpackages_import_standalone():

@@ -5,6 +5,7 @@
     pyboundary compare                   stored scans side by side (table, plot, bootstrap CIs)
     pyboundary detect | curvature | topology   boundary geometry of a model on a dataset
     pyboundary track                     margins while a network trains
+    pyboundary reproduce                 a published experiment, its report beside the paper's numbers
 
 Shared flags have one meaning everywhere (:mod:`pyboundary.cli.args`). Bad arguments print a
 message and exit with code 2.
@@ -15,15 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, dynamics, geometry, scan
+from . import compare, dynamics, geometry, reproduce, scan
 from .args import UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: command group modules, in --help order; each adds its subcommands with register(subparsers)
-_GROUPS = (scan, compare, geometry, dynamics)
+_GROUPS = (scan, compare, geometry, dynamics, reproduce)
 #: every command of the CLI (tests assert this exact set)
-COMMANDS = ("demo", "scan", "show", "compare", "detect", "curvature", "topology", "track")
+COMMANDS = ("demo", "scan", "show", "compare", "detect", "curvature", "topology", "track", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:

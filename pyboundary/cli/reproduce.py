@@ -1,12 +1,12 @@
 """``pyboundary reproduce``: run a published experiment and write its report (parsing and dispatch only).
 
     pyboundary reproduce --list
-    pyboundary reproduce NAME [--scale budget|full] --out DIR [--seed S] [--no-progress]
+    pyboundary reproduce NAME [--scale budget|full] --out DIR [--seed S] [--threads N] [--no-progress]
 """
 
 from __future__ import annotations
 
-from .args import UsageError
+from .args import UsageError, positive_int
 
 __all__ = ["register"]
 
@@ -23,6 +23,8 @@ def register(sub) -> None:
                    help="budget: minutes of CPU; full: the paper's sizes where possible (default budget)")
     p.add_argument("--out", default=None, help="output folder (required to run an entry)")
     p.add_argument("--seed", type=int, default=0, help="base seed of subsets, directions and training (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads for the run (default: torch's; 1 is fastest on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
@@ -39,6 +41,7 @@ def cmd_reproduce(args) -> int:
         raise UsageError("give an entry NAME (pyboundary reproduce --list shows them) or --list")
     if args.out is None:
         raise UsageError("--out DIR is required to run an entry")
-    res = run_entry(args.name, scale=args.scale, out=args.out, seed=args.seed, progress=not args.no_progress)
+    res = run_entry(args.name, scale=args.scale, out=args.out, seed=args.seed, progress=not args.no_progress,
+                    threads=args.threads)
     print(res.format_summary())
     return 0

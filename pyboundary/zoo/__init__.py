@@ -5,7 +5,9 @@
   :func:`open_image_folder`: an image folder of any size, read lazily (:mod:`.streaming`);
   :func:`T1` / :func:`T2`: the synthetic data of Ortiz-Jimenez et al. (2020).
 * :func:`build`: untrained reference architectures; :func:`train`: a seeded training loop.
-* :func:`reference_model`: trained once on offline data and cached (crash-safe, lock-protected).
+* :func:`reference_model`: trained once on offline data and cached (crash-safe, lock-protected);
+  :func:`train_cached`: the same for any in-memory dataset (:func:`derived_dataset`), adversarial
+  training and per-epoch checkpoints included.
 * :func:`load_model`: a model from a command-line spec; :func:`efficientnet_lite0`: pretrained ImageNet.
 """
 
@@ -15,12 +17,14 @@ from .cache import (
     default_epochs,
     load_state_file,
     reference_model,
+    train_cached,
     weights_hash,
 )
 from .data import (
     DATASETS,
     ImageDataset,
     MissingSourceError,
+    derived_dataset,
     iter_batches,
     load_dataset,
     load_folder,
@@ -34,10 +38,10 @@ from .synthetic import T1, T2, SyntheticDataset, random_orthogonal
 from .training import accuracy, train
 
 __all__ = [
-    "ARCHS", "build", "train", "accuracy", "reference_model", "default_epochs", "cache_dir", "weights_hash",
-    "load_state_file", "load_model", "efficientnet_lite0", "PixelScale", "PRETRAINED",
+    "ARCHS", "build", "train", "accuracy", "reference_model", "train_cached", "default_epochs", "cache_dir",
+    "weights_hash", "load_state_file", "load_model", "efficientnet_lite0", "PixelScale", "PRETRAINED",
     "open_image_folder", "ImageFolderStream", "BadImageError", "imagenet_wnids",
-    "DATASETS", "ImageDataset", "MissingSourceError", "load_dataset", "load_folder", "load_package_photos",
-    "read_idx", "iter_batches",
+    "DATASETS", "ImageDataset", "MissingSourceError", "load_dataset", "derived_dataset", "load_folder",
+    "load_package_photos", "read_idx", "iter_batches",
     "T1", "T2", "SyntheticDataset", "random_orthogonal",
 ]

@@ -139,13 +139,17 @@ class ResNetSmall(nn.Module):
 _BUILDERS = {"lenet": LeNet, "lenet-smooth": LeNetSmooth, "mlp": MLP, "resnet-small": ResNetSmall}
 
 
-def _check_shape(in_shape) -> tuple:
+def _check_shape(in_shape, arch: str) -> tuple:
+    """(C, H, W) of positive ints; the MLP (which flattens its input) also takes vectors (D,)
+    and any other shape."""
+    what = "a shape such as (C, H, W) or (D,)" if arch == "mlp" else "(C, H, W)"
     try:
         shape = tuple(int(s) for s in in_shape)
     except (TypeError, ValueError):
-        raise TypeError(f"in_shape must be a sequence (C, H, W) of ints, got {in_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1 or any(s != float(t) for s, t in zip(shape, in_shape)):
-        raise ValueError(f"in_shape must be (C, H, W) with positive integers, got {in_shape!r}")
+        raise TypeError(f"in_shape must be {what} of ints, got {in_shape!r}") from None
+    ok = len(shape) >= 1 if arch == "mlp" else len(shape) == 3
+    if not ok or min(shape) < 1 or any(s != float(t) for s, t in zip(shape, in_shape)):
+        raise ValueError(f"in_shape must be {what} with positive integers for {arch!r}, got {in_shape!r}")
     return shape
 
 
@@ -154,7 +158,7 @@ def build(arch: str, in_shape: Sequence[int] = (1, 28, 28), n_classes: int = 10,
 
     Args:
         arch: "lenet", "lenet-smooth", "mlp" or "resnet-small".
-        in_shape: (C, H, W) of one input.
+        in_shape: (C, H, W) of one input ("mlp" also takes vectors (D,) or any other shape: it flattens).
         n_classes: number of logits (>= 2).
         kwargs: architecture options (lenet: width=8, hidden=128, activation="relu", pool="max";
             lenet-smooth: the same with activation="softplus", pool="avg"; mlp: hidden=256, depth=2;
@@ -165,6 +169,6 @@ def build(arch: str, in_shape: Sequence[int] = (1, 28, 28), n_classes: int = 10,
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; valid: {list(ARCHS)}")
-    shape = _check_shape(in_shape)
+    shape = _check_shape(in_shape, arch)
     n_classes = check_int("n_classes", n_classes, minimum=2)
     return _BUILDERS[arch](shape, n_classes, **kwargs)

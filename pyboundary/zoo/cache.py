@@ -1,8 +1,11 @@
-"""Reference models trained once on offline data and cached on disk (crash-safe, lock-protected).
+"""Models trained once and cached on disk (crash-safe, lock-protected).
 
-:func:`reference_model` caches weights under ``~/.cache/pyboundary/models`` (env
-``PYBOUNDARY_CACHE`` overrides the root); files are written atomically and loaded with
-``weights_only=True``.
+:func:`reference_model` trains a reference architecture on a named offline dataset;
+:func:`train_cached` trains one on any in-memory dataset (a transformed copy, synthetic data),
+optionally with a batch transform (adversarial training) and with the weights of every epoch.
+Both cache under ``~/.cache/pyboundary/models`` (env ``PYBOUNDARY_CACHE`` overrides the root);
+files are written atomically and loaded with ``weights_only=True``; concurrent processes wait on
+a lock file instead of training the same model twice.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .._utils.validation import check_choice, check_int
 from .._version import __version__
 from .architectures import _BUILDERS, ARCHS, build
 from .data import load_dataset
 from .training import accuracy, train
 
-__all__ = ["reference_model", "default_epochs", "cache_dir", "weights_hash", "load_state_file", "canonical_dataset"]
+__all__ = ["reference_model", "train_cached", "default_epochs", "cache_dir", "weights_hash", "load_state_file",
+           "canonical_dataset"]
 
 _CACHE_FORMAT = 1
 
@@ -151,29 +157,125 @@ def reference_model(
         "data": train_set.identity, "epochs": int(epochs), "seed": int(seed), "n_train": n_train,
         "batch_size": int(train_batch_size), "lr": float(lr), "version": __version__,
     }
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name if os.sep in dataset else dataset)
-    path = cache_dir() / "models" / f"{arch}-{safe}-{key}.pt"
-    build_args = (path, config, arch, in_shape, n_classes)
+    safe = Path(dataset).name if os.sep in dataset else dataset
 
-    model = None if retrain else _try_cached(*build_args, warn=True)
-    if model is not None:
-        return model
+    def fit(model):
+        train(model, train_set.x, train_set.labels, epochs=epochs, train_batch_size=train_batch_size, lr=lr,
+              seed=seed, progress=progress)
+        return {"test_accuracy": _test_accuracy(model, dataset)}, None
+
+    return _cached(_cache_path(arch, safe, config), config, arch, in_shape, n_classes, seed, fit, retrain)
+
+
+def train_cached(
+    arch: str,
+    data,
+    *,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 3e-3,
+    train_batch_size: int = 128,
+    batch_transform: Callable | None = None,
+    transform_spec: str | None = None,
+    checkpoints: bool = False,
+    progress: bool = True,
+    retrain: bool = False,
+):
+    """``arch`` trained on an in-memory dataset, cached like :func:`reference_model`.
+
+    The recipe is :func:`train` (Adam, seeded shuffling) from weights seeded with ``seed``. The
+    cache key hashes (arch, its parameter layout, ``data.identity``, the number of classes, epochs,
+    seed, lr, train_batch_size, ``transform_spec``, ``checkpoints``, pyboundary version).
+
+    Args:
+        arch: one of :data:`ARCHS` ("mlp" also takes vector inputs (N, D)).
+        data: a dataset with ``.x`` (N, ...), ``.labels`` (N,) int64 and ``.identity`` (e.g. from
+            :func:`pyboundary.zoo.derived_dataset` or :func:`pyboundary.zoo.load_dataset`);
+            ``.n_classes`` or ``.classes`` give the number of classes (else max label + 1).
+        epochs: training epochs (>= 0).
+        seed, lr, train_batch_size: training settings.
+        batch_transform: optional ``f(model, xb, yb) -> (xb, yb)`` applied to every batch (e.g.
+            :func:`pyboundary.attacks.pgd_batch_transform` for adversarial training); it must come
+            with ``transform_spec``, a string identifying it completely (part of the cache key).
+        checkpoints: also keep the weights after every epoch and return them all.
+        progress: tqdm bar while training; retrain: ignore an existing cache file.
+    Returns:
+        the trained model (CPU, eval mode), or with ``checkpoints`` the list of models after epochs
+        0 (the initial weights), 1, ..., epochs. ``pyboundary_meta`` holds the cache metadata.
+    """
+    check_choice("arch", arch, ARCHS)
+    x, labels, identity = getattr(data, "x", None), getattr(data, "labels", None), getattr(data, "identity", None)
+    if not isinstance(x, Tensor) or not isinstance(labels, Tensor) or not isinstance(identity, str) or not identity:
+        raise TypeError(f"data must have tensors .x and .labels and a str .identity, got {type(data).__name__}")
+    epochs = check_int("epochs", epochs, minimum=0)
+    if (batch_transform is None) != (transform_spec is None):
+        raise ValueError("batch_transform and transform_spec go together: the spec identifies the transform "
+                         f"in the cache key (got transform_spec={transform_spec!r})")
+    in_shape = tuple(x.shape[1:])
+    n_classes = _n_classes(data, labels)
+    with torch.random.fork_rng(devices=[]):
+        layout = _layout_hash(build(arch, in_shape, n_classes))
+    config = {
+        "format": _CACHE_FORMAT, "arch": arch, "layout": layout, "data": identity, "n_classes": n_classes,
+        "epochs": epochs, "seed": int(seed), "batch_size": int(train_batch_size), "lr": float(lr),
+        "transform": transform_spec or "", "checkpoints": bool(checkpoints), "version": __version__,
+    }
+    name = str(getattr(data, "name", "data"))
+
+    def fit(model):
+        states = [_cpu_state(model)] if checkpoints else None
+
+        def keep(epoch, m):
+            states.append(_cpu_state(m))
+
+        train(model, x, labels, epochs=epochs, train_batch_size=train_batch_size, lr=lr, seed=seed,
+              batch_transform=batch_transform, on_epoch_end=keep if checkpoints else None, progress=progress)
+        return {"name": name}, states
+
+    return _cached(_cache_path(arch, name, config), config, arch, in_shape, n_classes, seed, fit, retrain)
+
+
+def _n_classes(data, labels: Tensor) -> int:
+    n = getattr(data, "n_classes", None)
+    if n is None and getattr(data, "classes", None) is not None:
+        n = len(data.classes)
+    if n is None:
+        n = int(labels.max()) + 1 if labels.numel() else 0
+    return check_int("number of classes", int(n), minimum=2)
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _cache_path(arch: str, name: str, config: dict) -> Path:
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48]
+    return cache_dir() / "models" / f"{arch}-{safe}-{key}.pt"
+
+
+def _cached(path: Path, config: dict, arch: str, in_shape, n_classes: int, seed: int, fit, retrain: bool):
+    """The model (or checkpoint list) cached at ``path``, else built with ``seed``, trained by
+    ``fit(model) -> (extra metadata, per-epoch state dicts or None)`` and saved atomically."""
+    build_args = (path, config, arch, in_shape, n_classes)
+    got = None if retrain else _try_cached(*build_args, warn=True)
+    if got is not None:
+        return got
     with _file_lock(path.with_name(path.name + ".lock")):
         # another process may have trained this model while we waited for the lock
-        model = None if retrain else _try_cached(*build_args, warn=False)
-        if model is not None:
-            return model
+        got = None if retrain else _try_cached(*build_args, warn=False)
+        if got is not None:
+            return got
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build(arch, in_shape, n_classes)
-        train(model, train_set.x, train_set.labels, epochs=epochs, train_batch_size=train_batch_size, lr=lr, seed=seed,
-              progress=progress)
-        meta = dict(config, in_shape=list(in_shape), n_classes=n_classes,
-                    weights_hash=weights_hash(model), test_accuracy=_test_accuracy(model, dataset))
-        _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
-    model.pyboundary_meta = meta
-    return model.eval()
+        extra, states = fit(model)
+        meta = dict(config, in_shape=list(in_shape), n_classes=n_classes, weights_hash=weights_hash(model), **extra)
+        blob = {"state_dict": model.state_dict(), "meta": meta}
+        if states is not None:
+            blob["checkpoints"] = states
+        _atomic_save(blob, path)
+    return _load_cached(*build_args)
 
 
 @contextlib.contextmanager
@@ -222,16 +324,32 @@ def _test_accuracy(model: nn.Module, dataset: str) -> float | None:
     return accuracy(model, test.x, test.labels)
 
 
-def _load_cached(path: Path, config: dict, arch: str, in_shape, n_classes) -> nn.Module:
+def _load_cached(path: Path, config: dict, arch: str, in_shape, n_classes):
+    """The model in a cache file (or, for a file with ``checkpoints``, the list of per-epoch models),
+    checked against ``config`` and the stored weights hash."""
     blob = load_state_file(path)
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
         raise ValueError("not a pyboundary model cache file")
     meta = blob["meta"]
     if any(meta.get(k) != v for k, v in config.items()):
         raise ValueError("its metadata does not match the requested configuration")
-    model = build(arch, in_shape, n_classes)
-    model.load_state_dict(blob["state_dict"])
+    model = _model_from(arch, in_shape, n_classes, blob["state_dict"], meta)
     if weights_hash(model) != meta.get("weights_hash"):
         raise ValueError("its weights do not match the stored weights hash")
+    if not config.get("checkpoints"):
+        return model
+    states = blob.get("checkpoints")
+    if not isinstance(states, list) or len(states) != config["epochs"] + 1:
+        raise ValueError("its per-epoch checkpoints are missing or incomplete")
+    models = [_model_from(arch, in_shape, n_classes, st, dict(meta, epoch=e)) for e, st in enumerate(states)]
+    if weights_hash(models[-1]) != meta.get("weights_hash"):
+        raise ValueError("its last checkpoint is not the stored final model")
+    return models
+
+
+def _model_from(arch: str, in_shape, n_classes: int, state: dict, meta: dict) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the global RNG alone
+        model = build(arch, in_shape, n_classes)
+    model.load_state_dict(state)
     model.pyboundary_meta = meta
     return model.eval()

@@ -47,6 +47,7 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "load_dataset",
+    "derived_dataset",
     "load_folder",
     "read_idx",
     "iter_batches",
@@ -380,6 +381,29 @@ def load_folder(root, split: str = "test", labels_file=None):
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def derived_dataset(x: Tensor, labels: Tensor, *, name: str, classes=None, split: str = "train") -> ImageDataset:
+    """A dataset made from tensors, e.g. a transformed copy of another (``dct_flip(train.x)``) or a
+    synthetic set (vectors (N, D) are fine): its identity hashes the content, so caches and stores
+    keyed on it (:func:`pyboundary.zoo.train_cached`, result stores) tell different data apart.
+
+    Args:
+        x: (N, ...) float inputs; labels: (N,) int64 classes.
+        name: a readable name recorded with the data (part of the identity).
+        classes: class names (default: "0" .. str(max label)); split: recorded as given.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise TypeError(f"x must be a floating-point tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (x.shape[0],):
+        raise ValueError(f"labels must be an int64 tensor of shape ({x.shape[0]},), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if classes is None:
+        classes = [str(c) for c in range(int(labels.max()) + 1 if labels.numel() else 0)]
+    x, labels = x.detach().cpu().contiguous(), labels.detach().cpu().contiguous()
+    return ImageDataset(x, labels, name, list(classes), split, _content_identity(x, labels, name, split))
 
 
 def load_dataset(name, split: str = "test", limit: int | None = None, seed: int = 0) -> ImageDataset:

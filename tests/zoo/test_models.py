@@ -58,13 +58,21 @@ def test_lenet_keeps_classifier_small_on_large_inputs():
     assert build("lenet", (3, 224, 224)).classifier[1].in_features == 16 * 7 * 7
 
 
+def test_mlp_takes_vector_inputs():
+    m = build("mlp", (100,), 2)
+    assert m(torch.zeros(5, 100)).shape == (5, 2)
+    assert build("mlp", [7], 3)(torch.zeros(2, 7)).shape == (2, 3)
+
+
 def test_build_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown arch 'vgg'"):
         build("vgg")
     with pytest.raises(ValueError, match="n_classes"):
         build("mlp", (1, 4, 4), 1)
+    with pytest.raises(ValueError, match=r"in_shape must be \(C, H, W\)"):
+        build("lenet", (1, 4))
     with pytest.raises(ValueError, match="in_shape"):
-        build("mlp", (1, 4))
+        build("mlp", (0, 4))
     with pytest.raises(ValueError, match="lenet needs H, W >= 4"):
         build("lenet", (1, 3, 3))
     with pytest.raises(TypeError, match="in_shape"):
@@ -168,6 +176,43 @@ def test_reference_model_cache_round_trip(cache, monkeypatch):
     monkeypatch.setenv("PYBOUNDARY_CACHE", str(cache))
     reference_model("mlp", "digits", epochs=1, seed=0, n_train=200, progress=False)
     assert len(list((cache / "models").glob("*.pt"))) == 2
+
+
+def test_train_cached_on_vectors_with_checkpoints(cache, monkeypatch):
+    from pyboundary.zoo import T1, derived_dataset, train_cached
+
+    t1 = T1(eps=2.0, sigma=0.5, D=10, N=300, seed=0)
+    data = derived_dataset(t1.x, t1.labels, name="t1-small", classes=list(t1.classes))
+    models_ = train_cached("mlp", data, epochs=3, seed=1, checkpoints=True, progress=False)
+    assert len(models_) == 4 and all(not m.training for m in models_)
+    torch.manual_seed(1)
+    init = build("mlp", (10,), 2)
+    x = torch.randn(4, 10)
+    assert torch.equal(models_[0](x), init(x))  # epoch 0 = the seeded initial weights
+    assert models_[-1].pyboundary_meta["weights_hash"] == weights_hash(models_[-1])
+    assert (predict(models_[-1], t1.x) == t1.labels).double().mean() > 0.95
+
+    def no_training(*a, **k):
+        raise AssertionError("cached model was retrained")
+
+    monkeypatch.setattr(zoo_cache, "train", no_training)
+    again = train_cached("mlp", data, epochs=3, seed=1, checkpoints=True, progress=False)
+    assert [weights_hash(m) for m in again] == [weights_hash(m) for m in models_]
+    monkeypatch.undo()
+    monkeypatch.setenv("PYBOUNDARY_CACHE", str(cache))
+    # the final model alone, other data (same name, other content) and a batch transform are other files
+    final = train_cached("mlp", data, epochs=3, seed=1, progress=False)
+    assert weights_hash(final) == weights_hash(models_[-1])
+    other = derived_dataset(t1.x + 1.0, t1.labels, name="t1-small")
+    assert other.identity != data.identity
+    train_cached("mlp", other, epochs=1, progress=False)
+    flip = lambda model, xb, yb: (-xb, yb)  # noqa: E731
+    train_cached("mlp", data, epochs=1, batch_transform=flip, transform_spec="negate", progress=False)
+    assert len(list((cache / "models").glob("*.pt"))) == 4
+    with pytest.raises(ValueError, match="transform_spec"):
+        train_cached("mlp", data, epochs=1, batch_transform=flip)
+    with pytest.raises(TypeError, match="identity"):
+        train_cached("mlp", t1.x, epochs=1)
 
 
 def test_reference_model_does_not_disturb_global_rng(cache):

@@ -19,6 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..._utils.results import Result
+from ..._utils.validation import check_int
+
 __all__ = ["Entry", "ENTRIES", "SCALES", "list_entries", "run_entry", "ReproduceResult"]
 
 SCALES = ("budget", "full")
@@ -88,7 +91,7 @@ def list_entries() -> list[Entry]:
 
 
 @dataclass
-class ReproduceResult:
+class ReproduceResult(Result):
     """What :func:`run_entry` produced.
 
     Attributes:
@@ -114,9 +117,6 @@ class ReproduceResult:
         return (f"{self.name} ({self.scale} scale): {self.wall_s:.0f} s wall, {self.cpu_s:.0f} s CPU; "
                 f"report {self.report} with {len(self.figures)} figures")
 
-    def to_numpy(self) -> dict:
-        return asdict(self)
-
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1, default=str) + "\n")
 
@@ -126,7 +126,7 @@ class ReproduceResult:
 
 
 def run_entry(name: str, *, scale: str = "budget", out, seed: int = 0, progress: bool = True,
-              overwrite: bool = False) -> ReproduceResult:
+              threads: int | None = None, params: dict | None = None, overwrite: bool = False) -> ReproduceResult:
     """Run the entry ``name`` at ``scale`` and write its report into the folder ``out``.
 
     Args:
@@ -135,16 +135,28 @@ def run_entry(name: str, *, scale: str = "budget", out, seed: int = 0, progress:
         out: output folder (created); an existing report.md is refused unless ``overwrite``.
         seed: base seed of data subsets, directions and training.
         progress: tqdm bars.
+        threads: torch intra-op threads for the run (restored afterwards; None: unchanged). On a
+            loaded machine 1 thread is much faster for these small models (no spinning threads).
+        params: overrides of the scale's parameters (keys must exist; the report lists the values
+            used and says that they were overridden).
     Returns:
         :class:`ReproduceResult`.
     """
+    import torch
+
     from .report import Context, environment, write
 
     if name not in ENTRIES:
         raise ValueError(f"unknown entry {name!r}; entries: {', '.join(ENTRIES)}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    threads = check_int("threads", threads, minimum=1, allow_none=True)
     entry = ENTRIES[name]
+    values = entry.params(scale)
+    unknown = sorted(set(params or {}) - set(values))
+    if unknown:
+        raise ValueError(f"params: unknown parameter(s) {unknown} for {name}; known: {sorted(values)}")
+    values.update(params or {})
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} exists and is not a folder")
@@ -152,24 +164,32 @@ def run_entry(name: str, *, scale: str = "budget", out, seed: int = 0, progress:
         raise ValueError(f"{str(out / 'report.md')!r} already exists; choose another folder "
                          "(reports are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out, scale, entry.params(scale), seed=seed, progress=progress)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    entry.function()(ctx)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    env = environment()
+    ctx = Context(out, scale, values, seed=seed, progress=progress)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        env = environment()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        entry.function()(ctx)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    finally:
+        torch.set_num_threads(before)
     header = "\n".join([
         f"# `{name}`: {entry.what}",
         "",
         f"**Paper:** {entry.paper}.",
         "",
         f"**Scale:** {scale} (`pyboundary reproduce {name} --scale {scale}`). Parameters: "
-        + ", ".join(f"`{k}={v}`" for k, v in ctx.params.items()) + ".",
+        + ", ".join(f"`{k}={v}`" for k, v in ctx.params.items())
+        + (f" (overridden: {', '.join(sorted(params))})" if params else "") + ".",
         "",
         f"**Measured:** {wall:.0f} s wall, {cpu:.0f} s CPU (this process, all threads; models from the "
         f"cache when present, else trained first) with pyboundary {env['pyboundary']}, torch {env['torch']}, "
-        f"{env['threads']} threads, seed {seed}.",
+        f"{env['threads']} torch thread(s), seed {seed}.",
     ])
-    numbers = {"entry": name, "scale": scale, "params": ctx.params, "seed": seed, "wall_s": wall, "cpu_s": cpu,
+    numbers = {"entry": name, "scale": scale, "params": ctx.params, "overridden": sorted(params or {}),
+               "seed": seed, "wall_s": wall, "cpu_s": cpu,
                "environment": env, "results": ctx.report.numbers}
     md, _ = write(out, header, ctx.report, numbers)
     return ReproduceResult(name=name, scale=scale, out=str(out), report=str(md), figures=list(ctx.report.figures),

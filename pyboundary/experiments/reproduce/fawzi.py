@@ -17,17 +17,18 @@ import inspect
 import numpy as np
 import torch
 
+from ..._utils.model import predict
+from ..._utils.plotting import pyplot
 from ...attacks.deepfool import deepfool
 from ...attacks.universal import evaluate_universal, universal_perturbation
-from ...experiments import detection_eval
-from ...experiments.curvature_report import curvature_report
 from ...geometry.curvature import noise_accuracy, relative_curvature, shared_curved_directions
 from ...geometry.topology import convex_combination_probability, path_connectivity
 from ...zoo.cache import reference_model
 from ...zoo.data import load_dataset
 from ...zoo.pretrained import efficientnet_lite0
-from ...zoo.training import predict
-from .report import fmt, pyplot
+from .. import detection_eval
+from ..curvature_report import curvature_report
+from .report import fmt
 
 __all__ = ["curvature", "detection", "topology", "PARAMS"]
 
@@ -162,7 +163,8 @@ def detection(ctx) -> None:
         kwargs["top_classes"] = prm["top_classes"]
     ev = detection_eval.evaluate_detection(model, x, **kwargs)
     clean, pert = np.asarray(ev.roc.clean_scores), np.asarray(ev.roc.perturbed_scores)
-    table2 = {"clean_score_negative": float(np.mean(clean < 0)), "perturbed_score_positive": float(np.mean(pert > 0))}
+    table2 = {"clean_score_negative": float(np.mean(clean < 0)),
+              "perturbed_score_positive": float(np.mean(pert > 0))}
     rep.numbers.update({"evaluation": ev.summary(), "table2": table2,
                         "top_classes_used": kwargs.get("top_classes")})
     rep.heading("Setup")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._utils.plotting import pyplot
 from ...scans.tracking import MarginTracker
-from ...zoo.cache import train_cached
 from ...zoo.data import load_dataset
-from .report import pyplot
+from .models import trained
 
 __all__ = ["dynamics", "PARAMS"]
 
@@ -35,8 +35,8 @@ def dynamics(ctx) -> None:
     test = load_dataset("fashion-mnist", "test")
     runs, numbers = {}, {}
     for name, adversarial in (("standard", None), ("PGD", prm["pgd"])):
-        checkpoints = train_cached("lenet", train, epochs=prm["epochs"], seed=ctx.seed, lr=prm["lr"],
-                                   adversarial=adversarial, checkpoints=True, progress=ctx.progress)
+        checkpoints = trained("lenet", train, epochs=prm["epochs"], seed=ctx.seed, lr=prm["lr"],
+                              adversarial=adversarial, checkpoints=True, progress=ctx.progress)
         tracker = MarginTracker(train.x, train.labels, test.x, test.labels, n_track=prm["n_track"], seed=ctx.seed,
                                 deepfool_kwargs={"max_iter": prm["max_iter"]})
         for epoch, model in enumerate(checkpoints):

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Report", "Context", "fmt", "pyplot"]
+from ..._utils.plotting import pyplot
+
+__all__ = ["Report", "Context", "fmt"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -34,16 +36,6 @@ def fmt(value, digits: int = 3) -> str:
     if v != 0 and (abs(v) >= 10 ** (digits + 2) or abs(v) < 10 ** -(digits + 1)):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}"
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 @dataclass
@@ -113,7 +105,7 @@ def environment() -> dict:
     """Versions and machine facts recorded in every report."""
     import torch
 
-    from pyboundary import __version__
+    from ..._version import __version__
 
     return {"pyboundary": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "threads": torch.get_num_threads()}
