@@ -96,7 +96,7 @@ def fooling_rate(model: Callable, x, perturbation: Tensor, *, batch_size: int | 
         model: callable (N, ...) -> (N, L) logits (left as found).
         x: (N, ...) inputs, or a dataset with ``.x``.
         perturbation: one perturbation of the per-input shape (or (1, ...)), added to every input.
-        batch_size: inputs per model call (None: all at once).
+        batch_size: input rows per model call (None: automatic).
         predictions: the clean predictions (N,) if already known.
     """
     check_model(model)
@@ -217,7 +217,7 @@ def universal_perturbation(
         chunk_size: inputs attacked at the same v per engine call (1 = the published algorithm).
         refine: scale v down to the smallest multiple that still reaches the target.
         seed: seed of the visiting order (a fresh permutation per pass).
-        batch_size: rows per model call for predictions and engine calls (None: all at once).
+        batch_size: input rows per model call for predictions and engine calls (None: automatic).
         deepfool_kwargs: options of :func:`pyboundary.deepfool` (default: unrefined, overshoot 0.02).
         progress: a tqdm bar over passes.
     Returns:
@@ -265,7 +265,7 @@ def universal_perturbation(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(rate=f"{rate:.3f}", eps=f"{radius:.3g}")
-            if rate < target and eps is None:
+            if rate < target and eps is None and passes < max_passes:
                 radius *= growth
     finally:
         if bar is not None:
@@ -394,9 +394,6 @@ class UniversalEvaluation(Result):
                          f"{100 * self.random_energy:.2f}%)")
         return "\n".join(lines)
 
-    def to_numpy(self) -> dict:
-        return self.summary()
-
 
 def evaluate_universal(
     model: Callable,
@@ -420,7 +417,7 @@ def evaluate_universal(
         basis: optional (D, m) orthonormal columns or (m, *shape) orthonormal rows (e.g.
             ``SharedDirections.basis()``): report the fraction of ||v||_2^2 inside their span.
         seed: seed of the random perturbations.
-        batch_size: inputs per model call (None: all at once).
+        batch_size: input rows per model call (None: automatic).
     Returns:
         :class:`UniversalEvaluation`.
     """
