@@ -113,7 +113,7 @@ def test_cuda_refused_without_gpu(tmp_path, tiny_model, capsys):
 def test_parser_has_exactly_the_commands(capsys):
     parser = cli.build_parser()
     names = set(parser._subparsers._group_actions[0].choices)
-    assert names == {"demo", "scan", "show", "compare", "detect", "curvature", "topology", "track"}
+    assert names == {"demo", "scan", "show", "compare", "detect", "curvature", "topology", "track", "reproduce"}
     assert cli.main(["--help"]) == 0
     assert cli.main(["--version"]) == 0
     assert cli.main([]) == 2
