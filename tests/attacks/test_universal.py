@@ -55,7 +55,7 @@ def test_linear_binary_closed_form(p):
 
 
 def test_fixed_radius_too_small_is_not_reached():
-    model, x, w, t = _linear_case()
+    model, x, w, t = _linear_case(N=60)
     small = float((t / w.norm()).min()) * 0.5  # fools nothing
     res = universal_perturbation(model, x, p=2, fooling_rate=0.5, eps=small, max_passes=3)
     assert not res.reached and res.fooling_rate == 0.0 and res.passes == 3
@@ -95,7 +95,12 @@ def _digits_cnn():
 
 @pytest.fixture(scope="module")
 def cnn():
-    return _digits_cnn()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
+    try:
+        return _digits_cnn()
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_small_cnn_beats_random_noise_by_far(cnn):
