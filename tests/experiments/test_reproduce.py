@@ -9,7 +9,7 @@ import pytest
 
 from pyboundary.experiments.reproduce import ENTRIES, ReproduceResult, list_entries, run_entry
 from pyboundary.experiments.reproduce.holdmetight import percentiles
-from pyboundary.experiments.reproduce.report import fmt
+from pyboundary.experiments.reproduce.report import fmt, pct
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -38,6 +38,8 @@ def test_percentiles_rank_failures_above_every_margin():
     assert percentiles(np.array([2.0, 4.0]))[1] == 3.0
     assert all(math.isnan(q) for q in percentiles(np.array([])))
     assert fmt(math.inf) == "inf" and fmt(float("nan")) == "-" and fmt(0.000012345) == "1.23e-05"
+    assert fmt("|x| < 1") == "\\|x\\| < 1"  # a bare | would split a markdown table cell
+    assert pct(0.1234) == "12.3%" and pct(float("nan")) == "-" and pct(None) == "-"
 
 
 SMALL_T1 = {"n_train": 400, "n_test": 40, "epochs": 3, "max_iter": 20}

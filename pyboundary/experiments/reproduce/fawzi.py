@@ -28,23 +28,23 @@ from ...zoo.data import load_dataset
 from ...zoo.pretrained import efficientnet_lite0
 from .. import detection_eval
 from ..curvature_report import curvature_report
-from .report import fmt
+from .report import fmt, pct
 
 __all__ = ["curvature", "detection", "topology", "PARAMS"]
 
 PARAMS = {
     "fawzi-curvature": {
-        "budget": {"n_curvature": 20, "profile_samples": 2, "n_shared": 40, "m": 20, "k": 5, "n_heldout": 100,
-                   "noise_radius": 4.0, "n_universal": 200, "fooling_rate": 0.8, "chunk_size": 4},
+        "budget": {"n_curvature": 50, "profile_samples": 5, "n_shared": 100, "m": 20, "k": 5, "n_heldout": 300,
+                   "noise_radius": 4.0, "n_universal": 500, "fooling_rate": 0.8, "chunk_size": 4},
         "full": {"n_curvature": 200, "profile_samples": 10, "n_shared": 200, "m": 50, "k": 5, "n_heldout": 1000,
                  "noise_radius": 4.0, "n_universal": 2000, "fooling_rate": 0.8, "chunk_size": 1},
     },
     "fawzi-detection": {
-        "budget": {"model": "lenet-fmnist", "n": 300, "n_dirs": 20, "top_classes": None},
+        "budget": {"model": "lenet-fmnist", "n": 1000, "n_dirs": 20, "top_classes": None},
         "full": {"model": "efficientnet-lite0", "n": 20, "n_dirs": 20, "top_classes": 10},
     },
     "fawzi-topology": {
-        "budget": {"n_pool": 1000, "n_pairs": 6, "per_class": 60, "n_trials": 100, "ks": "2,3,5,10"},
+        "budget": {"n_pool": 1000, "n_pairs": 20, "per_class": 100, "n_trials": 300, "ks": "2,3,4,5,6,7,8,9,10"},
         "full": {"n_pool": 2000, "n_pairs": 50, "per_class": 100, "n_trials": 1000, "ks": "2,3,4,5,6,7,8,9,10"},
     },
 }
@@ -185,14 +185,13 @@ def detection(ctx) -> None:
         "74-92 %; Table II: boundary points near clean inputs and near perturbed inputs have average curvatures "
         "of opposite signs for most inputs.")
     rows = [
-        ["correct decisions at the threshold", "93-97 % (CIFAR-10), > 95 % (ImageNet)", f"{100 * ev.accuracy:.1f}%"],
-        ["TPR / FPR (target FPR 5 %)", "-", f"{100 * ev.tpr:.1f}% / {100 * ev.fpr:.1f}%"],
+        ["correct decisions at the threshold", "93-97 % (CIFAR-10), > 95 % (ImageNet)", pct(ev.accuracy)],
+        ["TPR / FPR (target FPR 5 %)", "-", f"{pct(ev.tpr)} / {pct(ev.fpr)}"],
         ["AUC", "-", fmt(ev.auc)],
-        ["label recovery (flagged / all)", "74-92 %",
-         f"{fmt(100 * ev.recovery, 3)}% / {100 * ev.recovery_all:.1f}%"],
+        ["label recovery (flagged / all)", "74-92 %", f"{pct(ev.recovery)} / {pct(ev.recovery_all)}"],
         ["noise-control AUC (clean+noise vs perturbed)", "-", fmt(ev.noise_auc)],
         ["Table II: clean scores < 0 / perturbed scores > 0", "most / most",
-         f"{100 * table2['clean_score_negative']:.0f}% / {100 * table2['perturbed_score_positive']:.0f}%"],
+         f"{pct(table2['clean_score_negative'], 0)} / {pct(table2['perturbed_score_positive'], 0)}"],
         ["cost per input (forward / backward rows)", "-",
          f"{ev.forward_per_input:.0f} / {ev.backward_per_input:.0f}"],
     ]

@@ -32,13 +32,13 @@ __all__ = ["table1", "frequency", "PARAMS", "percentiles"]
 
 PARAMS = {
     "holdmetight-table1": {
-        "budget": {"D": 100, "n_train": 4000, "n_test": 300, "epochs": 20, "subspace_dim": 10,
+        "budget": {"D": 100, "n_train": 4000, "n_test": 1000, "epochs": 20, "subspace_dim": 10,
                    "t1": "eps=5,sigma=1", "t2": "rho=4,eps=5,sigma=1,K=5", "max_iter": 50},
         "full": {"D": 100, "n_train": 10000, "n_test": 2000, "epochs": 40, "subspace_dim": 10,
                  "t1": "eps=5,sigma=1", "t2": "rho=4,eps=5,sigma=1,K=5", "max_iter": 100},
     },
     "holdmetight-frequency": {
-        "budget": {"n_fmnist": 100, "K": 8, "T": 2, "n_imagenet": 8, "K_imagenet": 16, "T_imagenet": 32,
+        "budget": {"n_fmnist": 300, "K": 8, "T": 2, "n_imagenet": 20, "K_imagenet": 16, "T_imagenet": 32,
                    "pgd": "pgd-linf:eps=0.1,steps=7,frac=0.5", "pgd_n_train": 10000, "epochs": 3,
                    "max_iter": 50},
         "full": {"n_fmnist": 1000, "K": 8, "T": 1, "n_imagenet": 20, "K_imagenet": 16, "T_imagenet": 16,
@@ -284,8 +284,8 @@ def _frequency_text(ctx, family, fam_in, profiles, prof_in, numbers) -> None:
     rep.text(
         "**Published (Figs. 2-4).** The paper plots margin distributions per DCT block (figures, no table; "
         "MNIST/CIFAR-10 LeNet/ResNet, ImageNet ResNet-50): for networks trained on natural images the "
-        "margins are small in the low-frequency blocks and grow by orders of magnitude towards the high "
-        "frequencies (near-invariance, e.g. MNIST); training on DCT-flipped images flips the profile "
+        "margins are small in the low-frequency blocks and grow steeply towards the high frequencies (the "
+        "paper reads this as invariance to high-frequency directions); training on DCT-flipped images flips the profile "
         "(small margins at high frequencies); adversarial training enlarges the small margins along the "
         "discriminative (low-frequency) directions. Our summary: median margin in the lowest and in the "
         "highest block, and their ratio.")

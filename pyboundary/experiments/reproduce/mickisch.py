@@ -20,7 +20,7 @@ __all__ = ["dynamics", "PARAMS"]
 
 PARAMS = {
     "mickisch-dynamics": {
-        "budget": {"n_train": 5000, "epochs": 6, "n_track": 100, "lr": 1e-3,
+        "budget": {"n_train": 10000, "epochs": 8, "n_track": 300, "lr": 1e-3,
                    "pgd": "pgd-linf:eps=0.1,steps=7,frac=0.5", "max_iter": 50},
         "full": {"n_train": None, "epochs": 20, "n_track": 1000, "lr": 1e-3,
                  "pgd": "pgd-linf:eps=0.1,steps=7,frac=0.5", "max_iter": 50},

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..._utils.plotting import pyplot
 
-__all__ = ["Report", "Context", "fmt"]
+__all__ = ["Report", "Context", "fmt", "pct"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -25,7 +25,7 @@ def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
-        return value
+        return value.replace("|", "\\|")  # a bare | would split the table cell
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     v = float(value)
@@ -36,6 +36,13 @@ def fmt(value, digits: int = 3) -> str:
     if v != 0 and (abs(v) >= 10 ** (digits + 2) or abs(v) < 10 ** -(digits + 1)):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}"
+
+
+def pct(value, decimals: int = 1) -> str:
+    """A fraction as a percentage ('-' for None/NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * float(value):.{decimals}f}%"
 
 
 @dataclass
