@@ -35,7 +35,7 @@ def cmd_reproduce(args) -> int:
     if args.list:
         for e in list_entries():
             print(f"{e.name:<24} {e.what}")
-            print(f"{'':<24} {e.paper}; budget run ~{e.budget_minutes:g} min")
+            print(f"{'':<24} {e.paper}; budget run ~{e.budget_cpu_s:g} s CPU")
         return 0
     if args.name is None:
         raise UsageError("give an entry NAME (pyboundary reproduce --list shows them) or --list")

@@ -11,7 +11,7 @@ def test_list_shows_the_six_entries(capsys):
     assert main(["reproduce", "--list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in NAMES)
-    assert "Hold me tight" in out and "budget run" in out
+    assert "Hold me tight" in out and "s CPU" in out
 
 
 def test_usage_errors(capsys, tmp_path):

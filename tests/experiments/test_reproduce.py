@@ -28,7 +28,7 @@ def test_registry_lists_the_six_entries_with_both_scales():
     for e in list_entries():
         budget, full = e.params("budget"), e.params("full")
         assert set(budget) == set(full) and budget != full
-        assert callable(e.function()) and e.paper and e.what and e.budget_minutes > 0
+        assert callable(e.function()) and e.paper and e.what and e.budget_cpu_s > 0
 
 
 def test_percentiles_rank_failures_above_every_margin():

@@ -36,15 +36,15 @@ class Entry:
         paper: the publication (authors, year, title, venue).
         what: one line: which table or figure, on what.
         target: ``module:function`` in this package running it (called with a Context).
-        budget_minutes: measured wall time of a budget run on the development machine, from a
-            warm model cache (see the committed report for the exact figures).
+        budget_cpu_s: CPU seconds of the committed budget run (``examples/reproduce/``; one torch
+            thread on the 2-core development machine; its report says what was trained first).
     """
 
     name: str
     paper: str
     what: str
     target: str
-    budget_minutes: float
+    budget_cpu_s: float
 
     def function(self):
         module, _, func = self.target.partition(":")
@@ -65,23 +65,23 @@ _FAWZI = ('Fawzi, Moosavi-Dezfooli, Frossard, Soatto (2018), "Empirical study of
 ENTRIES: dict[str, Entry] = {e.name: e for e in (
     Entry("holdmetight-table1", _HMT,
           "Table 1: margins of an MLP on synthetic T1/T2 (D=100) along u1, its orthogonal complement, "
-          "S_orth and S_rand (5/50/95th percentiles)", "holdmetight:table1", 1.5),
+          "S_orth and S_rand (5/50/95th percentiles)", "holdmetight:table1", 2),
     Entry("holdmetight-frequency", _HMT,
           "Figs. 2-4: margins along the DCT diagonal (low -> high frequency): Fashion-MNIST LeNet "
           "(standard, trained on DCT-flipped data, PGD-trained) and ImageNet EfficientNet-Lite0",
-          "holdmetight:frequency", 6.0),
+          "holdmetight:frequency", 190),
     Entry("mickisch-dynamics", _MICKISCH,
           "Figs. 2-5: mean DeepFool margin of train/test inputs over training, standard vs PGD "
-          "adversarial training, split by correct/wrong", "mickisch:dynamics", 5.0),
+          "adversarial training, split by correct/wrong", "mickisch:dynamics", 153),
     Entry("fawzi-curvature", _FAWZI,
           "Sec. 4: curvature profile (sorted principal curvatures), shared curved directions, noise "
-          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 5.0),
+          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 51),
     Entry("fawzi-detection", _FAWZI,
           "Sec. 5: curvature-based detection of perturbed inputs (AUC, TPR at 5% FPR, label recovery, "
-          "Table II's curvature signs), delegated to the detection evaluation", "fawzi:detection", 4.0),
+          "Table II's curvature signs), delegated to the detection evaluation", "fawzi:detection", 17),
     Entry("fawzi-topology", _FAWZI,
           "Sec. 3: path connectivity of classification regions (three scenarios) and convex "
-          "combinations of same-class inputs", "fawzi:topology", 4.0),
+          "combinations of same-class inputs", "fawzi:topology", 9),
 )}
 
 

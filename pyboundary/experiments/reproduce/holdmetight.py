@@ -168,8 +168,8 @@ def _table1_text(ctx, rows, results) -> None:
     perp, orth = t1["span(u1)^perp"]["p50"] / ref, t1["S_orth"]["p50"] / ref
     rep.text(
         f"**Reading.** On T1 (class offset eps = {_parse(prm['t1'])['eps']:g} along u1) the median margin is "
-        f"{fmt(ref)} along u1, {fmt(perp)}x that inside the 99-dimensional complement of u1 and {fmt(orth)}x "
-        f"inside the {prm['subspace_dim']}-dimensional S_orth; the paper describes the non-discriminative "
+        f"{fmt(ref)} along u1; inside the 99-dimensional complement of u1 it is {fmt(perp)}x larger, inside the "
+        f"{prm['subspace_dim']}-dimensional S_orth {fmt(orth)}x larger; the paper describes the non-discriminative "
         "directions as (nearly) invariant, i.e. much larger margins there. Margins in S_rand exceed those along "
         "u1 by about 1 / ||P_rand u1|| "
         f"(~sqrt(D/m) = {math.sqrt(prm['D'] / prm['subspace_dim']):.2f} for a boundary normal to u1).")
