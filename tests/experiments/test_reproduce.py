@@ -92,7 +92,7 @@ SMALL = {
     "mickisch-dynamics": {"n_train": 300, "epochs": 2, "n_track": 10, "max_iter": 10},
     "fawzi-curvature": {"n_curvature": 3, "profile_samples": 1, "n_shared": 6, "m": 4, "n_heldout": 10,
                         "n_universal": 20, "fooling_rate": 0.5},
-    "fawzi-detection": {"n": 12, "n_dirs": 4},
+    "fawzi-detection": {"n": 8, "n_dirs": 4, "top_classes": 3, "n_bootstrap": 50},
     "fawzi-topology": {"n_pool": 200, "n_pairs": 1, "per_class": 12, "n_trials": 10, "ks": "2,3"},
 }
 
