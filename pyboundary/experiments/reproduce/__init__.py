@@ -65,24 +65,24 @@ _FAWZI = ('Fawzi, Moosavi-Dezfooli, Frossard, Soatto (2018), "Empirical study of
 ENTRIES: dict[str, Entry] = {e.name: e for e in (
     Entry("holdmetight-table1", _HMT,
           "Table 1: margins of an MLP on synthetic T1/T2 (D=100) along u1, its orthogonal complement, "
-          "S_orth and S_rand (5/50/95th percentiles)", "holdmetight:table1", 2),
+          "S_orth and S_rand (5/50/95th percentiles)", "holdmetight:table1", 3),
     Entry("holdmetight-frequency", _HMT,
           "Figs. 2-4: margins along the DCT diagonal (low -> high frequency): Fashion-MNIST LeNet "
           "(standard, trained on DCT-flipped data, PGD-trained) and ImageNet EfficientNet-Lite0",
-          "holdmetight:frequency", 190),
+          "holdmetight:frequency", 145),
     Entry("mickisch-dynamics", _MICKISCH,
           "Figs. 2-5: mean DeepFool margin of train/test inputs over training, standard vs PGD "
-          "adversarial training, split by correct/wrong", "mickisch:dynamics", 153),
+          "adversarial training, split by correct/wrong", "mickisch:dynamics", 36),
     Entry("fawzi-curvature", _FAWZI,
           "Sec. 4: curvature profile (sorted principal curvatures), shared curved directions, noise "
-          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 51),
+          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 33),
     Entry("fawzi-detection", _FAWZI,
           "Sec. 5: curvature-based detection of DeepFool-perturbed ImageNet inputs with EfficientNet-Lite0 (AUC "
           "with CI, TPR at calibrated 5% FPR, label recovery, noise control, Table II), via detection_study",
-          "fawzi:detection", 17),
+          "fawzi:detection", 212),
     Entry("fawzi-topology", _FAWZI,
           "Sec. 3: path connectivity of classification regions (three scenarios) and convex "
-          "combinations of same-class inputs", "fawzi:topology", 9),
+          "combinations of same-class inputs", "fawzi:topology", 7),
 )}
 
 
