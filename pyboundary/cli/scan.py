@@ -126,9 +126,6 @@ def _report(scan, out: Path) -> None:
 
 
 def cmd_scan(args) -> int:
-    from .._utils.memory import reuse_freed_memory
-
-    reuse_freed_memory()  # large activations are reused, not re-mapped per batch (faster on CPU)
     model, ds = load_model_and_data(args, stream=True)
     t0 = time.perf_counter()
     scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
