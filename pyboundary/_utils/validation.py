@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "check_int", "check_number", "check_choice", "check_p", "is_inf", "check_clamp", "check_model",
-    "check_finite", "check_inputs", "check_index_tensor", "check_labels",
+    "check_finite", "check_inputs", "check_index_tensor", "check_labels", "check_in_box",
 ]
 
 
@@ -97,6 +97,22 @@ def check_clamp(clamp, name: str = "clamp") -> tuple[float, float] | None:
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"{name} must be finite with lo < hi, got {clamp!r}")
     return lo, hi
+
+
+def check_in_box(name: str, x: Tensor, clamp: tuple[float, float] | None) -> None:
+    """ValueError when some row of x (N, ...) has a value outside the box ``clamp`` = (lo, hi)
+    (nothing to check for None): a search kept in the box cannot start outside it, and its
+    "margin" would include the move into the box."""
+    if clamp is None:
+        return
+    lo, hi = clamp
+    bad = ((x < lo) | (x > hi)).reshape(x.shape[0], -1).any(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must lie inside the clamp box [{lo:g}, {hi:g}]: {int(bad.sum())} of {x.shape[0]} "
+            f"inputs do not (e.g. input {i}, values in [{float(x[i].min()):.4g}, {float(x[i].max()):.4g}]); "
+            "rescale the inputs to the box or pass clamp=None")
 
 
 def check_model(model) -> None:

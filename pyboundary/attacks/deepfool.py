@@ -82,6 +82,7 @@ from .._utils.stats import summarize
 from .._utils.validation import (
     check_choice,
     check_clamp,
+    check_in_box,
     check_index_tensor,
     check_inputs,
     check_int,
@@ -90,6 +91,13 @@ from .._utils.validation import (
     check_p,
 )
 from ..subspaces import FullSpace, Subspace
+from ._boundary import NOISE_ULPS as _NOISE_ULPS
+from ._boundary import box_root as _box_linf_root
+from ._boundary import dual_norm as _dual_norm
+from ._boundary import norm as _norm
+from ._boundary import robust_score as _robust_score
+from ._boundary import score as _score
+from .tight import TIGHT_STEPS, tighten
 
 __all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
 
@@ -108,8 +116,6 @@ DEFAULT_GRAD_STRATEGY = {"cpu": "loop", "cuda": "batched"}
 #: Standard deviation of the noise_retries start, relative to the RMS of each input.
 DEFAULT_NOISE_SCALE = 1e-2
 _MAX_REFINE_ROUNDS = 60
-#: Refinement treats scores within this many ulps of the largest |logit| as "not adversarial".
-_NOISE_ULPS = 16
 #: Inside a subspace, a candidate's coordinate gradient shorter than this many ulps of its
 #: whole-space gradient is rounding noise of the analysis (the model is invariant inside the
 #: member): it is zeroed, so that candidate is never chosen (distance inf) instead of giving a
@@ -156,6 +162,12 @@ class DeepFoolResult(Result):
         prune_choices, prune_mismatch: with prune='audit', number of (sample, iteration) choices
             and how many of them differ between the pruned and the full candidate set.
         p: the norm used (2.0 or inf).
+        deepfool_margin: (N,) the plain DeepFool margin (refined when refine=True); equals margin
+            unless tight=True, where margin <= deepfool_margin per sample.
+        tight: whether the tight mode ran.
+        tight_steps: (N,) int64 tightening steps per sample (0 without tight mode).
+        tight_forward, tight_backward: batched forward / reverse passes spent by the tight mode
+            (included in n_forward / n_backward), its final bracketing included.
     """
 
     perturbation: Tensor
@@ -175,6 +187,11 @@ class DeepFoolResult(Result):
     prune_choices: int = 0
     prune_mismatch: int = 0
     p: float = 2.0
+    deepfool_margin: Tensor | None = None
+    tight: bool = False
+    tight_steps: Tensor | None = None
+    tight_forward: int = 0
+    tight_backward: int = 0
 
     def summary(self) -> dict:
         """Counts, margin statistics over converged samples (input units), mean iterations and
@@ -195,6 +212,15 @@ class DeepFoolResult(Result):
         }
         if self.prune_choices:
             out["prune_audit"] = {"choices": self.prune_choices, "mismatch": self.prune_mismatch}
+        if self.tight:
+            ok = self.converged & ~self.misclassified
+            gain = (self.margin[ok] / self.deepfool_margin[ok]).double()
+            out["tight"] = {
+                "median_ratio_to_deepfool": float(gain.median()) if gain.numel() else float("nan"),
+                "mean_steps": float(self.tight_steps[ok].double().mean()) if gain.numel() else float("nan"),
+                "n_forward": self.tight_forward,
+                "n_backward": self.tight_backward,
+            }
         return out
 
     def format_summary(self) -> str:
@@ -212,6 +238,11 @@ class DeepFoolResult(Result):
         ]
         if "prune_audit" in s:
             lines.append(f"  pruning audit: {self.prune_mismatch}/{self.prune_choices} choices differ")
+        if "tight" in s:
+            t = s["tight"]
+            lines.append(f"  tight: median margin / DeepFool's {t['median_ratio_to_deepfool']:.4g}, "
+                         f"{t['mean_steps']:.3g} steps, extra passes {t['n_forward']} forward, "
+                         f"{t['n_backward']} backward")
         return "\n".join(lines)
 
 
@@ -232,6 +263,10 @@ class _Ctx:
     noise_scale: float
     gen: torch.Generator | None
     whole_space: bool = True
+    tight: bool = False
+    tight_steps: int = 16
+    tight_forward: int = 0
+    tight_backward: int = 0
     n_forward: int = 0
     n_backward: int = 0
     prune_choices: int = 0
@@ -286,21 +321,6 @@ def _forward(ctx: _Ctx, xa: Tensor, grad_rows: int = 0) -> Tensor:
     return logits
 
 
-def _score(logits: Tensor, ref: Tensor, target: Tensor | None) -> Tensor:
-    """s > 0 iff adversarial: max_{c != ref} f_c - f_ref, or f_t - max_{c != t} f_c (targeted)."""
-    cls = ref if target is None else target
-    own = logits.gather(1, cls.unsqueeze(1)).squeeze(1)
-    other = logits.scatter(1, cls.unsqueeze(1), -math.inf).max(1).values
-    return other - own if target is None else own - other
-
-
-def _robust_score(logits: Tensor, ref: Tensor, target: Tensor | None) -> Tensor:
-    """:func:`_score` minus the float noise of the logits: > 0 means clearly adversarial, so a
-    reported point stays adversarial when re-evaluated in another batch composition."""
-    noise = _NOISE_ULPS * torch.finfo(logits.dtype).eps * logits.abs().amax(1)
-    return _score(logits, ref, target) - noise
-
-
 def _point(ctx: _Ctx, x0: Tensor, delta: Tensor) -> Tensor:
     xa = x0 + delta
     if ctx.clamp is not None:
@@ -328,10 +348,6 @@ def _gradients(ctx: _Ctx, xa: Tensor, gap: Tensor, mask: Tensor | None) -> Tenso
         grads.append(g)
         ctx.n_backward += 1
     return torch.stack(grads)
-
-
-def _dual_norm(g: Tensor, p: float) -> Tensor:
-    return g.abs().sum(-1) if math.isinf(p) else g.norm(dim=-1)
 
 
 class _Chunk:
@@ -608,27 +624,6 @@ def _box_linf_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, s
     return torch.where(found, box_step, step)
 
 
-def _box_linf_root(w: Tensor, room: Tensor, b: Tensor, max_rounds: int = 50):
-    """Smallest t >= 0 with phi(t) = sum_i w_i min(t, room_i) >= b, by Newton steps from below.
-
-    phi is concave, non-decreasing and piecewise linear, so Newton steps from the lower bound
-    b / sum(w) never pass the root and reach it after at most one round per breakpoint crossed
-    (a handful in practice). w, room: (..., M) >= 0; b: (...) > 0. Returns t (...) and feasible
-    (...) bool (sum_i w_i room_i >= b; t is meaningless where False)."""
-    tiny = torch.finfo(w.dtype).tiny
-    feasible = (w * room).sum(-1) >= b
-    t = b / w.sum(-1).clamp_min(tiny)
-    for _ in range(max_rounds):
-        te = t.unsqueeze(-1)
-        phi = (w * torch.minimum(te, room)).sum(-1)
-        slope = (w * (room > te)).sum(-1)
-        short = feasible & (phi < b * (1 - 4 * torch.finfo(w.dtype).eps)) & (slope > 0)
-        if not bool(short.any()):
-            break
-        t = torch.where(short, t + (b - phi) / slope.clamp_min(tiny), t)
-    return t, feasible
-
-
 def _duplicate_groups(ch: _Chunk, a: Tensor):
     """Rows of a with identical inputs (and identical given labels / targets), as
     (representative positions in a (n_u,), group of each row (n,)); None if all rows differ.
@@ -683,8 +678,10 @@ def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
         a = ar
 
 
-def _refine(ctx: _Ctx, ch: _Chunk, a: Tensor, delta: Tensor) -> Tensor:
-    """Boundary crossing along delta for rows a: returns hi (n,) with x0 + hi*delta adversarial."""
+def _refine(ctx: _Ctx, ch: _Chunk, a: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Boundary crossing along delta for rows a: returns hi (n,) with x0 + hi*delta adversarial
+    and the robust score (n,) there. Starts from the bracket [0, 1] with the scores ch.s_clean
+    and ch.s_flip of rows a at its ends."""
     n = a.numel()
     dt = ch.x0.dtype
     lo = torch.zeros(n, dtype=dt, device=delta.device)
@@ -728,12 +725,7 @@ def _refine(ctx: _Ctx, ch: _Chunk, a: Tensor, delta: Tensor) -> Tensor:
         secant[act] = (new_hi - new_lo) <= 0.5 * w
         lo[act], hi[act], s_lo[act], s_hi[act] = new_lo, new_hi, new_slo, new_shi
     ch.adv[a] = adv
-    return hi
-
-
-def _norm(v: Tensor, p: float) -> Tensor:
-    flat = v.reshape(v.shape[0], -1)
-    return flat.abs().amax(1) if math.isinf(p) else flat.norm(dim=1)
+    return hi, s_hi
 
 
 def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
@@ -767,7 +759,9 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
         pert, margin = raw_pert, raw.clone()
         rows = (ok & (ch.iters > 0) | ok & (ch.retries > 0)).nonzero().squeeze(1)
         if ctx.refine and rows.numel():
-            hi = _refine(ctx, ch, rows, delta[rows])
+            hi, s_hi = _refine(ctx, ch, rows, delta[rows])
+            coords = coords.index_copy(0, rows, coords[rows] * hi.unsqueeze(1))
+            ch.s_flip[rows] = s_hi
             view = (-1,) + (1,) * (x0.dim() - 1)
             if ctx.clamp is None:
                 pert = pert.index_copy(0, rows, delta[rows] * hi.reshape(view))
@@ -776,13 +770,62 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
                 p_rows = _point(ctx, x0[rows], delta[rows] * hi.reshape(view)) - x0[rows]
                 pert = pert.index_copy(0, rows, p_rows)
                 margin = margin.index_copy(0, rows, _norm(p_rows, ctx.p))
+        df_margin = margin
+    steps = torch.zeros(n, dtype=torch.int64, device=x0.device)
+    if ctx.tight:
+        pert, margin = _tight(ctx, ch, ok.nonzero().squeeze(1), coords, pert, margin, steps)
+    with torch.no_grad():
         inf = torch.full_like(margin, math.inf)
         margin = torch.where(ch.conv, margin, inf)
+        df_margin = torch.where(ch.conv, df_margin, inf)
         raw = torch.where(ch.conv, raw, inf)
     adv = torch.where(ch.conv, ch.adv, ch.ref)
     return dict(perturbation=pert, margin=margin, raw_margin=raw, iterations=ch.iters,
                 converged=ch.conv, orig_label=ch.ref, adv_label=adv, retries=ch.retries,
-                misclassified=ch.mis, sample_forward=ch.fwd, sample_gradients=ch.ngrad)
+                misclassified=ch.mis, sample_forward=ch.fwd, sample_gradients=ch.ngrad,
+                deepfool_margin=df_margin, tight_steps=steps)
+
+
+def _tight(ctx: _Ctx, ch: _Chunk, rows: Tensor, coords: Tensor, pert: Tensor, margin: Tensor,
+           steps: Tensor) -> tuple[Tensor, Tensor]:
+    """Tight mode for rows (the converged, correctly classified samples of the chunk): from
+    DeepFool's point (coordinates coords (n, m); pert (n, ...) and margin (n,) as reported) to
+    the best point of :func:`pyboundary.attacks.tight.tighten`, bracketed on its ray to tol.
+    Rows where the search finds nothing better keep DeepFool's point. Returns (pert, margin);
+    writes the steps taken into steps (n,) and the passes into ctx.tight_forward/backward."""
+    if rows.numel() == 0:
+        return pert, margin
+    f0, b0 = ctx.n_forward, ctx.n_backward
+    if ctx.clamp is not None:  # the realised perturbation: x0 + c lies in the box
+        coords = pert.reshape(pert.shape[0], -1)
+
+    def grad(out, xa):
+        ctx.n_backward += 1
+        ctx.trace[-1] = (ctx.trace[-1][0], ctx.trace[-1][1] + 1)
+        return torch.autograd.grad(out, xa)[0]
+
+    tgt = None if ch.target is None else ch.target[rows]
+    res = tighten(lambda xa: _forward(ctx, xa), grad, lambda x0, d: _point(ctx, x0, d), ctx.space,
+                  ch.x0[rows], ch.idx[rows], ch.ref[rows], tgt, coords[rows], ch.s_flip[rows],
+                  ch.adv[rows], p=ctx.p, clamp=ctx.clamp, steps=ctx.tight_steps)
+    ch.fwd[rows] += res.forward
+    ch.ngrad[rows] += res.gradients
+    steps[rows] = res.steps
+    better = res.improved.nonzero().squeeze(1)
+    if better.numel():
+        rb = rows[better]
+        ch.s_flip[rb], ch.adv[rb] = res.score[better], res.adv[better]
+        with torch.no_grad():
+            delta = ctx.space._synthesis(res.coords[better], ch.idx[rb])
+            hi, _ = _refine(ctx, ch, rb, delta)
+            view = (-1,) + (1,) * (delta.dim() - 1)
+            p_rows = _point(ctx, ch.x0[rb], delta * hi.reshape(view)) - ch.x0[rb]
+            pert = pert.index_copy(0, rb, p_rows)
+            m_rows = res.norm[better] * hi if ctx.clamp is None else _norm(p_rows, ctx.p)
+            margin = margin.index_copy(0, rb, m_rows)
+    ctx.tight_forward += ctx.n_forward - f0
+    ctx.tight_backward += ctx.n_backward - b0
+    return pert, margin
 
 
 def deepfool(
@@ -807,6 +850,8 @@ def deepfool(
     grad_strategy: str = "auto",
     prune=True,
     noise_scale: float = DEFAULT_NOISE_SCALE,
+    tight: bool = False,
+    tight_steps: int | None = None,
 ) -> DeepFoolResult:
     """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
 
@@ -844,8 +889,18 @@ def deepfool(
         prune: skip the gradients of candidates that cannot win (True), compute all (False), or
             'audit' (compute all, step with the pruned choice, count differences).
         noise_scale: relative standard deviation of the retry noise.
+        tight: search, from DeepFool's point, for a nearer boundary point (see
+            :mod:`pyboundary.attacks.tight`); the margin is then per sample the smaller of the
+            two, bracketed on its ray to ``tol`` (always, whatever ``refine``), and
+            ``deepfool_margin`` keeps DeepFool's.
+        tight_steps: norm-budget steps of the tight search per sample (default
+            :data:`pyboundary.attacks.tight.TIGHT_STEPS`: 16 for p = 2, 20 for p = inf); one forward
+            and one reverse row each, plus a few polish steps and the final bracketing.
     Returns:
         :class:`DeepFoolResult`.
+    Raises:
+        ValueError: bad arguments, or x outside the clamp box (the margin would include the move
+            into the box).
     """
     check_model(model)
     x = check_inputs("x", x)
@@ -863,6 +918,10 @@ def deepfool(
     noise_scale = check_number("noise_scale", noise_scale, minimum=0, strict_minimum=True)
     check_choice("prune", prune, (True, False, "audit"))
     clamp = check_clamp(clamp)
+    check_in_box("x", x, clamp)
+    if not isinstance(tight, bool):
+        raise TypeError(f"tight must be a bool, got {tight!r}")
+    tight_steps = check_int("tight_steps", TIGHT_STEPS[p] if tight_steps is None else tight_steps, minimum=1)
     space, idx = _resolve_space(subspace, subspace_index, x, p)
     whole_space = isinstance(space, FullSpace)
     if clamp is not None and not whole_space:
@@ -873,14 +932,15 @@ def deepfool(
                refine=bool(refine), tol=float(tol), clamp=clamp, strategy=strategy, prune=prune,
                n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
                gen=make_generator(seed, x.device),
-               whole_space=whole_space)
+               whole_space=whole_space, tight=bool(tight), tight_steps=tight_steps)
+
     def chunk(c: _Ctx, s: int, e: int) -> dict:
         return _run_chunk(c, x[s:e], idx[s:e], None if labels is None else labels[s:e],
                           None if target is None else target[s:e])
 
     def probe(r: int) -> None:  # the same call on the first r rows, counted and seeded apart
         chunk(replace(ctx, n_forward=0, n_backward=0, prune_choices=0, prune_mismatch=0, trace=[],
-                      gen=make_generator(seed, x.device)), 0, r)
+                      tight_forward=0, tight_backward=0, gen=make_generator(seed, x.device)), 0, r)
 
     with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
         plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
@@ -893,6 +953,9 @@ def deepfool(
         f = torch.zeros(0, dtype=x.dtype, device=x.device)
         out = dict(perturbation=torch.zeros_like(x), margin=f, raw_margin=f, iterations=z,
                    converged=z.bool(), orig_label=z, adv_label=z, retries=z, misclassified=z.bool(),
-                   sample_forward=z, sample_gradients=z)
+                   sample_forward=z, sample_gradients=z, deepfool_margin=f, tight_steps=z)
     return DeepFoolResult(**out, n_forward=ctx.n_forward, n_backward=ctx.n_backward, trace=ctx.trace,
-                          prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p)
+                          prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p,
+                          tight=bool(tight), tight_forward=ctx.tight_forward,
+                          tight_backward=ctx.tight_backward)
+
