@@ -131,6 +131,7 @@ class MarginScan(Result):
             "pairs_done": int(self.done.sum()),
             "complete": self.complete,
             "batch_size": self.meta.get("batch_size"),
+            "tight": self.tight,
             "per_subspace": self.subspace_stats(),
         }
 
@@ -157,6 +158,12 @@ class MarginScan(Result):
         return rows
 
     @property
+    def tight(self) -> bool:
+        """Whether the margins come from the engine's tight mode (``deepfool_kwargs={'tight': True}``,
+        ``pyboundary scan --tight``): the nearest boundary point found, not DeepFool's."""
+        return bool((self.meta or {}).get("params", {}).get("tight", False))
+
+    @property
     def norm_name(self) -> str:
         """What the margins measure: 'L2', 'L-inf' (pixels, whole space) or 'L-inf of subspace
         coordinates' (p = inf inside a subspace family)."""
@@ -175,8 +182,9 @@ class MarginScan(Result):
         if split:
             head += f" {'med.ok':>9} {'med.wrong':>9}"
         n_ok = int(self.correct.sum()) if split else None
+        kind = "tight " if self.tight else ""
         lines = [
-            f"{norm} margins in {self.subspace_spec} ({self.n_samples} samples, {self.n_subspaces} subspaces"
+            f"{kind}{norm} margins in {self.subspace_spec} ({self.n_samples} samples, {self.n_subspaces} subspaces"
             + (f", {n_ok} correctly classified)" if split else ")"),
             head,
         ]
@@ -566,6 +574,9 @@ def _engine_params(p, options: dict) -> dict:
               if k not in _OWN_ARGS and v.default is not inspect.Parameter.empty}
     params.update(options)
     params["p"] = math.inf if is_inf(p) else float(p)
+    if not params.get("tight"):  # stores of plain scans keep the parameters they had before tight mode
+        params.pop("tight", None)
+        params.pop("tight_steps", None)
     return params
 
 

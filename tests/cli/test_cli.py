@@ -148,3 +148,20 @@ def test_demo_runs_twice_and_resumes(tmp_path, monkeypatch, capsys):
     assert "resuming it" in capsys.readouterr().out
     assert MarginScan.load(out / "scan.sqlite") == first
     assert cli.main(args[:4] + ["4"] + args[5:]) == 2  # other settings: refused, nothing overwritten
+
+
+def test_tight_scan_is_a_stored_parameter_and_labelled(tmp_path, tiny_model, capsys):
+    plain_out, tight_out = tmp_path / "plain", tmp_path / "tight"
+    assert cli.main(_scan_args(plain_out, tiny_model)) == 0
+    assert cli.main(_scan_args(tight_out, tiny_model, "--tight")) == 0
+    assert "tight L2 margins in dct:K=4,T=2" in capsys.readouterr().out
+    plain, tight = MarginScan.load(plain_out), MarginScan.load(tight_out)
+    assert tight.meta["params"]["tight"] is True and "tight" not in plain.meta["params"]
+    assert tight.tight and not plain.tight and tight.summary()["tight"] is True
+    ok = plain.converged & tight.converged
+    assert bool((tight.margins[ok] <= plain.margins[ok] * (1 + 1e-9)).all())
+    assert bool((tight.margins[ok] < plain.margins[ok] * 0.999).any())
+    assert cli.main(["show", str(tight_out), "--no-plot"]) == 0
+    assert "tight L2 margins" in capsys.readouterr().out
+    # a resume must use the same setting: the plain run refuses --tight
+    assert cli.main(_scan_args(plain_out, tiny_model, "--resume", "--tight")) == 2

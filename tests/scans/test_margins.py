@@ -318,3 +318,15 @@ def test_plain_callable_needs_a_name_to_be_stored(tmp_path):
     scan = margin_scan(fn, x, "dct:K=4,T=2", store=tmp_path / "s.sqlite", model_name="affine-seed0",
                        progress=False)
     assert scan.complete
+
+
+def test_tight_scan_never_above_plain_and_exact_on_affine():
+    # affine models: plain DeepFool is exact in every member, and the tight mode keeps it
+    model, x = Affine((1, 8, 8)), _data()
+    fam = DCTDiagonal((1, 8, 8), K=4, T=2)
+    scan = margin_scan(model, x, fam, batch_size=10, progress=False,
+                       deepfool_kwargs={"tight": True, "tol": 1e-10})
+    torch.testing.assert_close(scan.margins, _affine_margins(model, x, fam), rtol=1e-8, atol=0)
+    assert scan.tight and scan.meta["params"]["tight"] is True and scan.meta["params"]["tight_steps"] is None
+    assert scan.format_summary().startswith("tight L2 margins")
+    assert not margin_scan(model, x, fam, batch_size=10, progress=False).tight
