@@ -48,30 +48,10 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pyboundary._utils.model import model_guard  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peers import Counted  # noqa: E402
 from pyboundary.attacks.deepfool import deepfool  # noqa: E402
-
-
-class Counted(nn.Module):
-    """Wraps a model and counts its forward calls and reverse passes through its output."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.forward_calls = 0
-        self.backward_calls = 0
-
-    def reset(self):
-        self.forward_calls = self.backward_calls = 0
-
-    def _hook(self, grad):
-        self.backward_calls += 1
-
-    def forward(self, x):
-        out = self.model(x)
-        self.forward_calls += 1
-        if out.requires_grad:
-            out.register_hook(self._hook)
-        return out
 
 
 def _norm(d: torch.Tensor, p: float) -> torch.Tensor:
@@ -109,10 +89,13 @@ def ours(counted, x, y, p, clamp, prune, refine, batch_size, repeats):
         return deepfool(counted, x, p=p, clamp=clamp, prune=prune, refine=refine,
                         batch_size=batch_size, candidates=10, overshoot=0.02, max_iter=50)
 
+    counted.reset()
     secs, res = _timed(run, repeats)
     ok = res.converged
+    n = x.shape[0]
     return dict(secs=secs, median=float(res.margin[ok].median()), success=float(ok.float().mean()),
-                forward=res.n_forward, backward=res.n_backward, trace=res.trace)
+                forward=res.n_forward, backward=res.n_backward, trace=res.trace,
+                fwd_rows=counted.forward_rows / repeats / n, rev_rows=counted.backward_rows / repeats / n)
 
 
 def foolbox_df(counted, x, y, p, bounds, batch_size, repeats):
@@ -225,9 +208,11 @@ def main(argv=None):
         stats = {k: v for k, v in stats.items() if k != "trace"}
         stats.update(mode=mode, method=method, ms=1000 * stats["secs"] / n)
         rows.append(stats)
+        rows_f = f"{stats['fwd_rows']:.2f}" if "fwd_rows" in stats else "-"
+        rows_r = f"{stats['rev_rows']:.2f}" if "rev_rows" in stats else "-"
         print(f"| {mode} | {method} | {stats['ms']:.2f} | {stats.get('median', float('nan')):.4f} | "
               f"{stats.get('success', float('nan')):.3f} | {stats.get('forward', '-')} | "
-              f"{stats.get('backward', '-')} |", flush=True)
+              f"{stats.get('backward', '-')} | {rows_f} | {rows_r} |", flush=True)
 
     def peer(mode, method, make, p):
         name = method.split()[0]
@@ -247,10 +232,12 @@ def main(argv=None):
             return
         med, succ = _outcome(model, x, y, adv.float(), p)
         record(mode, method, dict(secs=secs, median=med, success=succ,
-                                  forward=counted.forward_calls // reps, backward=counted.backward_calls // reps))
+                                  forward=counted.forward_calls // reps, backward=counted.backward_calls // reps,
+                                  fwd_rows=counted.forward_rows / reps / n, rev_rows=counted.backward_rows / reps / n))
 
-    print("| mode | method | ms/sample | median margin | success | forward passes | reverse passes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | method | ms/sample | median margin | success | forward passes | reverse passes | "
+          "forward rows/sample | reverse rows/sample |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for clip in (False, True):
         for p in (2.0, math.inf):
             norm = "Linf" if math.isinf(p) else "L2"

@@ -17,7 +17,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pyboundary import zoo as models  # noqa: E402
-from pyboundary.attacks.deepfool import FIRST_PRUNE_FACTOR, PRUNE_FACTOR, deepfool  # noqa: E402
+from pyboundary.attacks.deepfool import (  # noqa: E402
+    FIRST_PRUNE_FACTOR, PRUNE_FACTOR, SECOND_STAGE_FACTOR, deepfool,
+)
 from pyboundary.subspaces import DCTDiagonal  # noqa: E402
 from pyboundary.zoo import data  # noqa: E402
 
@@ -25,11 +27,14 @@ from pyboundary.zoo import data  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--split", default="test", help="data split (constants were chosen on 'train')")
+    ap.add_argument("--arch", default="lenet", help="reference model architecture (lenet, mlp, ...)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
-    x = data.load_dataset("fashion-mnist", "test", limit=args.n, seed=0).x
-    print(f"PRUNE_FACTOR = {PRUNE_FACTOR}, FIRST_PRUNE_FACTOR = {FIRST_PRUNE_FACTOR}; {x.shape[0]} inputs")
+    model = models.reference_model(args.arch, "fashion-mnist", progress=False).eval()
+    x = data.load_dataset("fashion-mnist", args.split, limit=args.n, seed=0).x
+    print(f"PRUNE_FACTOR = {PRUNE_FACTOR}, FIRST_PRUNE_FACTOR = {FIRST_PRUNE_FACTOR}, "
+          f"SECOND_STAGE_FACTOR = {SECOND_STAGE_FACTOR}; {args.arch}, {args.split} split, {x.shape[0]} inputs")
     print("| mode | choices | differing | gradients pruned/unpruned | max rel. margin diff | p99 | median margin pruned / unpruned |")
     print("|---|---|---|---|---|---|---|")
     sub = DCTDiagonal(tuple(x.shape[1:]), K=8, T=1)

@@ -285,11 +285,12 @@ def tighten(forward: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor]
             del gp
             G = torch.stack([lin_g[a, 0], lin_g[a, other]], 1)
             B = torch.stack([lin_b[a, 0], lin_b[a, other]], 1) + push.unsqueeze(1)
-            k = 2 if bool(retry.any()) and bool(torch.isfinite(B[:, 1]).all()) else 1
-            d, val = min_norm_point(G[:, :k], B[:, :k], lo, hi, p)
-            if k == 2:  # rows after a success use the latest linearisation alone
-                d1, v1 = min_norm_point(G[:, :1], B[:, :1], lo, hi, p)
-                d, val = torch.where(retry.unsqueeze(1), d, d1), torch.where(retry, val, v1)
+            # per row (results must not depend on the batch): two constraints after a failed
+            # query when a second linearisation exists, else the latest alone (a duplicate)
+            two = retry & torch.isfinite(B[:, 1])
+            G[:, 1] = torch.where(two.unsqueeze(1), G[:, 1], G[:, 0])
+            B[:, 1] = torch.where(two, B[:, 1], B[:, 0])
+            d, val = min_norm_point(G, B, lo, hi, p)
             lc = last_c[a]
             along = (lin_g[a, 0] * lc).sum(1)
             ratio = B[:, 0] / along.where(along > 0, torch.ones_like(along))

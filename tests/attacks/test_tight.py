@@ -317,7 +317,11 @@ def test_trained_cnn_batched_equals_one_at_a_time(cnn64):
     batched = deepfool(model, x, clamp=(0.0, 1.0), tight=True)
     single = deepfool(model, x, clamp=(0.0, 1.0), tight=True, batch_size=1)
     torch.testing.assert_close(batched.margin, single.margin, rtol=1e-9, atol=0)
-    assert torch.equal(batched.tight_steps, single.tight_steps)
+    torch.testing.assert_close(batched.perturbation, single.perturbation, rtol=1e-9, atol=1e-12)
+    assert torch.equal(batched.adv_label, single.adv_label)
+    # a polish query whose bound ties the best within float rounding (the model's batched and
+    # single-row arithmetic differ in the last bits) may or may not be made: one step at most
+    assert (batched.tight_steps - single.tight_steps).abs().max() <= 1
 
 
 def test_tight_in_subspace_and_targeted(cnn64):
