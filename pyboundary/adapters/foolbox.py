@@ -34,8 +34,11 @@ log_softmax_k - log_softmax_0 equals the logit gap f_k - f_0, so the engine uses
 for both. ``early_stop`` is accepted and ignored (a minimisation attack searches the smallest
 perturbation whatever the epsilons), like foolbox's DeepFool.
 
-A tight minimal-perturbation attack is the same class with other engine options: subclass
-:class:`_EngineAttack` (or an attack below) and set ``_engine_mode``.
+``L2MinimalAttack`` / ``LinfMinimalAttack`` are the same attacks in the engine's tight mode
+(``deepfool(..., tight=True)``): from DeepFool's boundary point they search for the nearest
+boundary point (per input never farther than DeepFool's), for studies of the *distance* to the
+boundary (foolbox's closest counterparts: FMN, DDN). Other engine modes are subclasses of
+:class:`_EngineAttack` that set ``_engine_mode`` (fixed engine options) or ``_engine``.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
         f"failed: {_exc}"
     ) from _exc
 
+from .._utils.validation import check_int
 from ..attacks.deepfool import deepfool
 from ._engine import adversarial_points, check_in_box, engine_options
 
-__all__ = ["L2DeepFoolAttack", "LinfDeepFoolAttack"]
+__all__ = ["L2DeepFoolAttack", "LinfDeepFoolAttack", "L2MinimalAttack", "LinfMinimalAttack"]
 
 _LOSSES = ("logits", "crossentropy")
 
@@ -169,6 +173,56 @@ class LinfDeepFoolAttack(_EngineAttack):
     """DeepFool, L-inf (foolbox ``LinfDeepFoolAttack`` interface), on pyboundary's engine.
 
     Same arguments as :class:`L2DeepFoolAttack`.
+    """
+
+    distance = linf
+    _p = math.inf
+
+
+class _MinimalAttack(_EngineAttack):
+    """The engine's tight mode: DeepFool, then the search for the nearest boundary point."""
+
+    _engine_mode = {"tight": True}
+
+    def __init__(self, *, steps: int = 50, candidates: Optional[int] = 10, overshoot: float = 0.02,
+                 tight_steps: Optional[int] = None, loss: str = "logits",
+                 deepfool_kwargs: Optional[dict] = None):
+        extra = dict(deepfool_kwargs or {})
+        if "tight" in extra:
+            raise TypeError("deepfool_kwargs: 'tight' is set by the attack itself (a minimal attack "
+                            "always runs the tight mode; use L2DeepFoolAttack for plain DeepFool)")
+        if tight_steps is not None:
+            check_int("tight_steps", tight_steps, minimum=1)
+            if "tight_steps" in extra:
+                raise TypeError("tight_steps given twice (argument and deepfool_kwargs)")
+            extra["tight_steps"] = tight_steps
+        super().__init__(steps=steps, candidates=candidates, overshoot=overshoot, loss=loss,
+                         deepfool_kwargs=extra)
+        self.tight_steps = tight_steps
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", tight_steps={self.tight_steps!r})"
+
+
+class L2MinimalAttack(_MinimalAttack):
+    """Minimal L2 perturbation (nearest boundary point found), on pyboundary's tight engine mode.
+
+    Args:
+        steps, candidates, overshoot: of the DeepFool phase, as in :class:`L2DeepFoolAttack`.
+        tight_steps: norm-budget steps of the tight search per input (None: the engine's default,
+            :data:`pyboundary.attacks.tight.TIGHT_STEPS`); one forward and one reverse row each.
+        loss: 'logits' or 'crossentropy' (same attack).
+        deepfool_kwargs: further options of :func:`pyboundary.deepfool` (not ``tight``).
+    """
+
+    distance = l2
+    _p = 2.0
+
+
+class LinfMinimalAttack(_MinimalAttack):
+    """Minimal L-inf perturbation (nearest boundary point found), on pyboundary's tight engine mode.
+
+    Same arguments as :class:`L2MinimalAttack`.
     """
 
     distance = linf

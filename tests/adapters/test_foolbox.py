@@ -226,3 +226,33 @@ def test_another_engine_mode_is_a_subclass(setup):
     assert torch.equal(raw, (x + res.perturbation).clamp(0, 1))
     with pytest.raises(TypeError, match="unknown engine option"):  # options checked against that engine
         Unrefined(deepfool_kwargs={"nope": 1})
+
+
+MINIMAL = [(pbfb.L2MinimalAttack, pbfb.L2DeepFoolAttack, 2, fb.distances.l2),
+           (pbfb.LinfMinimalAttack, pbfb.LinfDeepFoolAttack, math.inf, fb.distances.linf)]
+
+
+@pytest.mark.parametrize("minimal_cls, deepfool_cls, p, dist", MINIMAL)
+def test_minimal_attack_is_the_tight_engine_and_never_farther(setup, minimal_cls, deepfool_cls, p, dist):
+    net, normalised, fmodel, x, y = setup
+    attack = minimal_cls(tight_steps=8)
+    assert isinstance(attack, fb.attacks.base.MinimizationAttack) and attack.distance is dist
+    assert "tight_steps=8" in repr(attack)
+    raw, clipped, success = attack(fmodel, x, fb.criteria.Misclassification(y), epsilons=[None])
+    res = pb.deepfool(normalised, x, labels=y, p=p, clamp=(0.0, 1.0), tight=True, tight_steps=8)
+    assert res.tight and torch.equal(raw[0], (x + res.perturbation).clamp(0, 1))
+    # every point is adversarial, in the bounds, and per input never farther than DeepFool's
+    assert bool(success[0].all()) and float(raw[0].min()) >= 0 and float(raw[0].max()) <= 1
+    plain, _, _ = deepfool_cls()(fmodel, x, fb.criteria.Misclassification(y), epsilons=None)
+    d_min, d_plain = dist(x, raw[0]), dist(x, plain)
+    assert bool((d_min <= d_plain * (1 + 1e-5) + 1e-7).all())
+    assert float(d_min.median()) < float(d_plain.median())  # and nearer on typical inputs
+
+
+def test_minimal_attack_refusals():
+    with pytest.raises(TypeError, match="'tight' is set by the attack itself"):
+        pbfb.L2MinimalAttack(deepfool_kwargs={"tight": False})
+    with pytest.raises(TypeError, match="tight_steps given twice"):
+        pbfb.LinfMinimalAttack(tight_steps=4, deepfool_kwargs={"tight_steps": 8})
+    with pytest.raises(ValueError, match="tight_steps"):
+        pbfb.L2MinimalAttack(tight_steps=0)
