@@ -39,6 +39,30 @@ def digits_mlp(seed: int = 0, robust: bool = False, hidden: int = 64) -> nn.Modu
     return net.eval()
 
 
+def digits_cnn(seed: int, dtype: torch.dtype = torch.float32, train_batch_size: int = 128):
+    """(model, x (1797, 1, 8, 8) in [0, 1] of dtype, labels): a small conv net (8 channels, max
+    pooling, 32 hidden units) trained with Adam (8 epochs) on the first 1400 of scikit-learn's
+    digits (all 1797, not the load_dataset split), in eval mode; the rest is held out."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=dtype).reshape(-1, 1, 8, 8) / 16.0
+    labels = torch.tensor(d.target, dtype=torch.int64)
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 10)).to(dtype)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(8):
+        perm = torch.randperm(1400)
+        for s in range(0, 1400, train_batch_size):
+            b = perm[s:s + train_batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[b]), labels[b]).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return m.eval(), x, labels
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_module():
     """One intra-op thread for a whole test module, module-scoped fixtures included (import this

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from analytic import Affine
+from digits_models import digits_cnn
 from scipy.optimize import linprog, minimize
 from torch import nn
 
@@ -262,25 +263,8 @@ def test_min_norm_point_against_scipy():
 
 @pytest.fixture(scope="module")
 def cnn64():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    torch.manual_seed(1)
-    m = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 10),
-    ).double()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    for _ in range(8):
-        perm = torch.randperm(1400)
-        for s in range(0, 1400, 256):
-            b = perm[s : s + 256]
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x[b]), y[b]).backward()
-            opt.step()
-    return m.eval(), x[1600:1640]
+    m, x, _ = digits_cnn(seed=1, dtype=torch.float64, train_batch_size=256)
+    return m, x[1600:1640]
 
 
 @pytest.mark.parametrize("p,clamp", [(2, None), (2, (0.0, 1.0)), (math.inf, (0.0, 1.0)), (math.inf, None)])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from analytic import BinaryAffine
-from torch import nn
+from digits_models import digits_cnn
 
 from pyboundary.attacks.deepfool import deepfool
 from pyboundary.attacks.universal import (
@@ -73,24 +73,8 @@ def test_projection():
 
 
 def _digits_cnn():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                      nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    for _ in range(8):
-        perm = torch.randperm(1400)
-        for s in range(0, 1400, 128):
-            b = perm[s:s + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x[b]), y[b]).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return m.eval(), x
+    m, x, _ = digits_cnn(seed=0)
+    return m, x
 
 
 @pytest.fixture(scope="module")
