@@ -212,7 +212,8 @@ class L2MinimalAttack(_MinimalAttack):
         tight_steps: norm-budget steps of the tight search per input (None: the engine's default,
             :data:`pyboundary.attacks.tight.TIGHT_STEPS`); one forward and one reverse row each.
         loss: 'logits' or 'crossentropy' (same attack).
-        deepfool_kwargs: further options of :func:`pyboundary.deepfool` (not ``tight``).
+        deepfool_kwargs: further options of :func:`pyboundary.deepfool` (not ``tight``), e.g.
+            ``{"tight_classes": 1}`` to search towards the next most likely class too.
     """
 
     distance = l2

@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .. import ops
 from .._utils.batching import DEFAULT_BATCH_SIZE, map_with_backoff, plan_batch_size
-from .._utils.model import check_logits, explain_dtype_errors, model_guard
+from .._utils.model import check_logits, explain_dtype_errors, forward_logits, model_guard
 from .._utils.results import Result
 from .._utils.rng import make_generator
 from .._utils.stats import summarize
@@ -951,6 +951,7 @@ def deepfool(
     noise_scale: float = DEFAULT_NOISE_SCALE,
     tight: bool = False,
     tight_steps: int | None = None,
+    tight_classes: int = 0,
 ) -> DeepFoolResult:
     """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
 
@@ -995,6 +996,13 @@ def deepfool(
         tight_steps: norm-budget steps of the tight search per sample (default
             :data:`pyboundary.attacks.tight.TIGHT_STEPS`: 16 for p = 2, 20 for p = inf); one forward
             and one reverse row each, plus a few polish steps and the final bracketing.
+        tight_classes: with ``tight`` and no ``target``: also run the targeted tight search
+            towards each sample's next ``tight_classes`` most likely other classes (by clean
+            logits; the reference class and the class the untargeted search ended at excluded)
+            and keep the nearest point per sample. The nearest boundary piece often belongs to a
+            class whose linearisation at x did not look nearest, and one walk cannot leave its
+            class's region; each class costs about one more tight run (see benchmarks/README.md,
+            "Tight margins"). 0: the untargeted search only.
     Returns:
         :class:`DeepFoolResult`.
     Raises:
@@ -1021,6 +1029,11 @@ def deepfool(
     if not isinstance(tight, bool):
         raise TypeError(f"tight must be a bool, got {tight!r}")
     tight_steps = check_int("tight_steps", TIGHT_STEPS[p] if tight_steps is None else tight_steps, minimum=1)
+    tight_classes = check_int("tight_classes", tight_classes, minimum=0)
+    if tight_classes and not tight:
+        raise ValueError("tight_classes needs tight=True (it widens the tight search)")
+    if tight_classes and target is not None:
+        raise ValueError("tight_classes is for untargeted searches (a target fixes the class)")
     space, idx = _resolve_space(subspace, subspace_index, x, p)
     whole_space = isinstance(space, FullSpace)
     if clamp is not None and not whole_space:
@@ -1053,8 +1066,60 @@ def deepfool(
         out = dict(perturbation=torch.zeros_like(x), margin=f, raw_margin=f, iterations=z,
                    converged=z.bool(), orig_label=z, adv_label=z, retries=z, misclassified=z.bool(),
                    sample_forward=z, sample_gradients=z, deepfool_margin=f, tight_steps=z)
-    return DeepFoolResult(**out, n_forward=ctx.n_forward, n_backward=ctx.n_backward, trace=ctx.trace,
-                          prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p,
-                          tight=bool(tight), tight_forward=ctx.tight_forward,
-                          tight_backward=ctx.tight_backward)
+    res = DeepFoolResult(**out, n_forward=ctx.n_forward, n_backward=ctx.n_backward, trace=ctx.trace,
+                         prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p,
+                         tight=bool(tight), tight_forward=ctx.tight_forward,
+                         tight_backward=ctx.tight_backward)
+    if tight_classes and n:
+
+        def targeted(rows: Tensor, classes: Tensor) -> DeepFoolResult:
+            return deepfool(model, x[rows], target=classes, p=p,
+                            subspace=subspace, subspace_index=None if subspace is None else idx[rows],
+                            candidates=candidates, overshoot=overshoot, max_iter=max_iter,
+                            refine=refine, tol=tol, clamp=clamp, batch_size=batch_size,
+                            memory_budget=memory_budget, noise_retries=noise_retries, seed=seed,
+                            grad_strategy=grad_strategy, prune=prune, noise_scale=noise_scale,
+                            tight=True, tight_steps=tight_steps)
+
+        _tighten_towards_other_classes(res, model, x, tight_classes, targeted)
+    return res
+
+
+def _tighten_towards_other_classes(res: DeepFoolResult, model: Callable, x: Tensor, k: int,
+                                   targeted: Callable[[Tensor, Tensor], DeepFoolResult]) -> None:
+    """Update res in place with targeted tight searches towards each sample's next k classes.
+
+    For the samples the untargeted search flipped (converged, not misclassified), the other classes
+    ranked by clean logit, without the reference class and the class already reached; for rank
+    j < k, ``targeted(rows, classes)`` runs on every sample that has a j-th such class, and a
+    nearer point replaces the sample's perturbation, margin and adversarial class. All its passes
+    count as tight passes (``tight_forward`` / ``tight_backward``, ``n_forward`` / ``n_backward``).
+    """
+    rows = (res.converged & ~res.misclassified).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    with model_guard(model), torch.no_grad():
+        logits = torch.cat([forward_logits(model, x[r]).double() for r in rows.split(DEFAULT_BATCH_SIZE)])
+    logits.scatter_(1, res.orig_label[rows, None], -math.inf)
+    logits.scatter_(1, res.adv_label[rows, None], -math.inf)
+    ranked = logits.argsort(1, descending=True)
+    usable = torch.isfinite(logits.gather(1, ranked))
+    for j in range(min(k, ranked.shape[1])):
+        have = usable[:, j]
+        if not bool(have.any()):
+            break
+        sub = rows[have]
+        t = targeted(sub, ranked[have, j])
+        better = t.converged & (t.margin < res.margin[sub])
+        res.tight_steps[sub] += t.tight_steps
+        res.sample_forward[sub] += t.sample_forward
+        res.sample_gradients[sub] += t.sample_gradients
+        res.n_forward += t.n_forward
+        res.n_backward += t.n_backward
+        res.tight_forward += t.n_forward
+        res.tight_backward += t.n_backward
+        won = sub[better]
+        res.perturbation[won] = t.perturbation[better]
+        res.margin[won] = t.margin[better]
+        res.adv_label[won] = t.adv_label[better]
 

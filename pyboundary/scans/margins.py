@@ -577,6 +577,7 @@ def _engine_params(p, options: dict) -> dict:
     if not params.get("tight"):  # stores of plain scans keep the parameters they had before tight mode
         params.pop("tight", None)
         params.pop("tight_steps", None)
+        params.pop("tight_classes", None)
     return params
 
 

@@ -345,3 +345,57 @@ def test_inputs_outside_the_box_are_refused(cnn64):
         deepfool(model, x, tight="yes")
     with pytest.raises(ValueError, match="tight_steps"):
         deepfool(model, x, tight=True, tight_steps=0)
+
+
+@pytest.mark.parametrize("p, clamp, in_subspace", [(2, (0.0, 1.0), False), (math.inf, None, False), (2, None, True)])
+def test_tight_classes_is_the_nearest_of_the_targeted_searches(cnn64, p, clamp, in_subspace):
+    """tight_classes=k: per sample the nearest of the untargeted tight point and the targeted tight
+    points towards the next k classes (by clean logit, reference and reached class excluded)."""
+    model, x = cnn64
+    x = x[:24]
+    kw = dict(p=p, clamp=clamp, tight=True)
+    if in_subspace:
+        kw.update(subspace=RandomSubspaces((1, 8, 8), dim=16, n=2, seed=0), subspace_index=torch.arange(24) % 2,
+                  max_iter=100)
+    base = deepfool(model, x, **kw)
+    wide = deepfool(model, x, tight_classes=2, **kw)
+    ok = base.converged & ~base.misclassified
+    assert bool(ok.all() if not in_subspace else ok.float().mean() > 0.8)
+    with torch.no_grad():
+        logits = model(x).double()
+    logits.scatter_(1, base.orig_label[:, None], -math.inf)
+    logits.scatter_(1, base.adv_label[:, None], -math.inf)
+    ranked = logits.argsort(1, descending=True)
+    expect = base.margin.clone()
+    for j in range(2):
+        rows = ok.nonzero().squeeze(1)
+        sub_kw = dict(kw)
+        if in_subspace:
+            sub_kw["subspace_index"] = kw["subspace_index"][rows]
+        t = deepfool(model, x[rows], target=ranked[rows, j], **sub_kw)
+        got = torch.where(t.converged, t.margin, torch.full_like(t.margin, math.inf))
+        expect[rows] = torch.minimum(expect[rows], got)
+    torch.testing.assert_close(wide.margin[ok], expect[ok], rtol=1e-9, atol=0)
+    assert bool((wide.margin[ok] <= base.margin[ok]).all())
+    assert bool((wide.margin[ok] < base.margin[ok] * 0.999).any())  # another class is nearer somewhere
+    # the returned points are adversarial, of the class reported, with the reported norm
+    pert = wide.perturbation[ok]
+    with torch.no_grad():
+        pred = model(x[ok] + pert).argmax(1)
+    assert torch.equal(pred, wide.adv_label[ok]) and bool((pred != wide.orig_label[ok]).all())
+    if not in_subspace:
+        norms = pert.flatten(1).norm(p=p, dim=1)
+        torch.testing.assert_close(norms, wide.margin[ok], rtol=1e-9, atol=1e-12)
+    # the extra passes are counted as tight passes; deepfool_margin stays DeepFool's
+    assert wide.tight_forward > base.tight_forward and wide.n_backward > base.n_backward
+    assert torch.equal(wide.deepfool_margin, base.deepfool_margin)
+
+
+def test_tight_classes_refusals(cnn64):
+    model, x = cnn64
+    with pytest.raises(ValueError, match="tight_classes needs tight=True"):
+        deepfool(model, x[:2], tight_classes=1)
+    with pytest.raises(ValueError, match="untargeted"):
+        deepfool(model, x[:2], tight=True, tight_classes=1, target=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="tight_classes"):
+        deepfool(model, x[:2], tight=True, tight_classes=-1)

@@ -165,3 +165,12 @@ def test_tight_scan_is_a_stored_parameter_and_labelled(tmp_path, tiny_model, cap
     assert "tight L2 margins" in capsys.readouterr().out
     # a resume must use the same setting: the plain run refuses --tight
     assert cli.main(_scan_args(plain_out, tiny_model, "--resume", "--tight")) == 2
+
+
+def test_tight_classes_flag(tmp_path, tiny_model, capsys):
+    assert cli.main(_scan_args(tmp_path / "bad", tiny_model, "--tight-classes", "1")) == 2
+    assert "--tight-classes needs --tight" in capsys.readouterr().err
+    out = tmp_path / "wide"
+    assert cli.main(_scan_args(out, tiny_model, "--tight", "--tight-classes", "1")) == 0
+    scan = MarginScan.load(out)
+    assert scan.tight and scan.meta["params"]["tight_classes"] == 1
