@@ -13,7 +13,10 @@
   explicit ``batch_size`` is kept, but refused with :class:`MemoryBudgetError` *before any work*
   when ``need(batch_size)`` exceeds the budget (the one given, or else all the memory available
   now), with the estimate and the limit in the message. The result is a :class:`BatchPlan`,
-  whose ``summary()`` result stores record.
+  whose ``summary()`` result stores record. A caller that passes ``reuse=(owner, key)`` (e.g.
+  the model and the input shape and options) gets the probe of an earlier call with the same
+  owner object and key again instead of a new one (the budget and the available memory are
+  re-read every call): a loop of ``deepfool`` calls over batches probes once.
 * :func:`resolve_batch_size`: :data:`DEFAULT_BATCH_SIZE` for light work that needs no probe.
 
 :func:`map_with_backoff` runs chunks and, when one still raises an out-of-memory error
@@ -28,6 +31,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -129,6 +133,7 @@ def plan_batch_size(
     align: int = 1,
     unit: str = "rows",
     what: str = "batch_size",
+    reuse: tuple | None = None,
 ) -> BatchPlan:
     """Choose (or check) the number of rows per batch for ``n_rows`` rows of work.
 
@@ -148,6 +153,10 @@ def plan_batch_size(
             share the engine's first forward and reverse passes).
         unit: what a row is, for messages ('pairs', 'samples').
         what: the argument's name in messages ('batch_size', '--batch-size').
+        reuse: optional ``(owner, key)``: the probe is remembered for the owner object (held
+            weakly; e.g. the model) under the hashable key (what the memory per row depends on:
+            input shape, dtype, options), and an earlier probe with the same owner, key, device
+            and probe rows is used instead of running ``run`` again.
     Returns:
         :class:`BatchPlan`.
     """
@@ -169,7 +178,7 @@ def plan_batch_size(
         warnings.warn("cannot measure CPU memory on this platform (no resettable /proc peak); batch "
                       f"sizes are not checked against memory (using {fallback})", stacklevel=3)
         return BatchPlan(fallback, "unchecked", str(dev), None, avail, budget_origin="not measurable here", unit=unit)
-    probe = probe_memory(run, dev, (r1, r2))
+    probe = _reused_probe(run, dev, (r1, r2), reuse)
     if batch_size is not None:
         need = probe.need(batch_size)
         limit = budget if parse_memory_budget(memory_budget) is not None else avail
@@ -200,6 +209,25 @@ def plan_batch_size(
     if align > 1 and size >= align:
         size -= size % align
     return BatchPlan(size, "auto", str(dev), budget, avail, probe.per_row, probe.fixed, probe.need(size), origin, unit)
+
+
+#: probes remembered per owner object (weakly held), then per (key, device, probe rows)
+_PROBES: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _reused_probe(run: Callable[[int], object], dev: torch.device, rows: tuple, reuse) -> MemoryProbe:
+    """probe_memory(run, dev, rows), or the remembered probe of ``reuse = (owner, key)``."""
+    if reuse is None:
+        return probe_memory(run, dev, rows)
+    owner, key = reuse
+    try:
+        table = _PROBES.setdefault(owner, {})
+    except TypeError:  # an owner that cannot be weakly referenced: probe every time
+        return probe_memory(run, dev, rows)
+    full_key = (key, str(dev), rows)
+    if full_key not in table:
+        table[full_key] = probe_memory(run, dev, rows)
+    return table[full_key]
 
 
 def _largest_fit(probe: MemoryProbe, limit: float, cap: int) -> int:

@@ -1056,7 +1056,7 @@ def deepfool(
 
     with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
         plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
-                               default=DEFAULT_BATCH_SIZE, unit="samples")
+                               default=DEFAULT_BATCH_SIZE, unit="samples", reuse=(model, _probe_key(ctx, x)))
         parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, plan.batch_size, device=x.device) if n else []
     if parts:
         out = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
@@ -1083,6 +1083,16 @@ def deepfool(
 
         _tighten_towards_other_classes(res, model, x, tight_classes, targeted)
     return res
+
+
+def _probe_key(ctx: _Ctx, x: Tensor) -> tuple:
+    """What the engine's memory per sample depends on, besides the model (see plan_batch_size's
+    ``reuse``): the input's shape, dtype and device, the space and the options that change the
+    rows or graphs kept per sample."""
+    space = ctx.space.spec_or_name() if hasattr(ctx.space, "spec_or_name") else type(ctx.space).__name__
+    return (tuple(x.shape[1:]), x.dtype, str(x.device), space, id(ctx.space) if not ctx.whole_space else 0,
+            ctx.p, ctx.clamp, ctx.strategy, ctx.prune, ctx.n_cand, ctx.refine, ctx.tight, ctx.tight_steps,
+            ctx.noise_retries)
 
 
 def _tighten_towards_other_classes(res: DeepFoolResult, model: Callable, x: Tensor, k: int,

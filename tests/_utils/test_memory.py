@@ -94,6 +94,68 @@ def test_small_work_is_not_probed_and_off_skips_the_probe():
     assert plan_batch_size(run, 1000, device="cpu", memory_budget="off", batch_size=7).batch_size == 7
 
 
+@needs_proc
+def test_a_probe_is_reused_per_owner_and_key():
+    model = WideLinear()
+    x = torch.randn(512, 16)
+    calls = []
+
+    def run(r):
+        calls.append(r)
+        return _work(model, x)(r)
+
+    first = plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(model, ("a", 16)))
+    n_probe = len(calls)
+    assert n_probe == 3  # warm-up and the two measured sizes
+    again = plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(model, ("a", 16)))
+    assert len(calls) == n_probe and again.per_row == first.per_row and again.batch_size == first.batch_size
+    # the budget is re-read: the same probe, another budget, another size (and an explicit size is checked)
+    assert plan_batch_size(run, 512, device="cpu", memory_budget=16 * MiB,
+                           reuse=(model, ("a", 16))).batch_size < first.batch_size
+    with pytest.raises(MemoryBudgetError):
+        plan_batch_size(run, 512, device="cpu", batch_size=512, memory_budget=64 * MiB, reuse=(model, ("a", 16)))
+    assert len(calls) == n_probe
+    # another key, another owner, or no reuse: probed again
+    plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(model, ("b", 16)))
+    plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(WideLinear(), ("a", 16)))
+    plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB)
+    assert len(calls) == 4 * n_probe
+    # owners are held weakly
+    from pyboundary._utils import batching
+    owner = WideLinear()
+    plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(owner, ("a", 16)))
+    assert owner in batching._PROBES
+    n_owners = len(batching._PROBES)
+    del owner
+    import gc
+    gc.collect()
+    assert len(batching._PROBES) == n_owners - 1
+
+
+@needs_proc
+def test_deepfool_probes_once_per_model_and_shape():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    rows = []
+    model.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    x = torch.rand(40, 1, 8, 8)
+    from pyboundary.attacks.deepfool import deepfool
+
+    def model_rows(**kw):
+        rows.clear()
+        res = deepfool(model, x, batch_size=20, **kw)
+        return sum(rows), res
+
+    unprobed, ref = model_rows(memory_budget="off")
+    first, a = model_rows()
+    second, b = model_rows()
+    assert first > unprobed and second == unprobed  # the probe ran in the first call only
+    assert torch.equal(a.margin, ref.margin) and torch.equal(b.margin, ref.margin)
+    unprobed_inf, _ = model_rows(p="inf", memory_budget="off")
+    assert model_rows(p="inf")[0] > unprobed_inf  # other options: probed again
+    assert model_rows(p="inf")[0] == unprobed_inf
+
+
 def test_parse_memory_budget():
     assert parse_memory_budget(None) is None
     assert parse_memory_budget("off") == "off" and parse_memory_budget(False) == "off"
