@@ -277,12 +277,11 @@ def tighten(forward: Callable[[Tensor], Tensor], grad: Callable[[Tensor, Tensor]
             if clamp is not None:
                 lo, hi = clamp[0] - x0f[a], clamp[1] - x0f[a]
             retry = ~best_is_last[a]  # the last query did not find the best point
-            gl, gb, gp = lin_g[a, 0], lin_g[a, 2], lin_g[a, 1]
+            gl, gb = lin_g[a, 0], lin_g[a, 2]
             cos = (gl * gb).sum(1) / (gl.norm(dim=1) * gb.norm(dim=1)).clamp_min(torch.finfo(gl.dtype).tiny)
             # pair the latest with the best point's linearisation, or the previous one when that
             # one is the same piece (or the latest query found the best)
             other = torch.where(retry & (cos < 1 - 1e-9), 2, 1)
-            del gp
             G = torch.stack([lin_g[a, 0], lin_g[a, other]], 1)
             B = torch.stack([lin_b[a, 0], lin_b[a, other]], 1) + push.unsqueeze(1)
             # per row (results must not depend on the batch): two constraints after a failed
