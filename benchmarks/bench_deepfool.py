@@ -266,5 +266,59 @@ def main(argv=None):
     return 0
 
 
+# ---------------------------------------------------------------------- pytest-benchmark entry
+
+_MODES = [(2.0, False), (math.inf, False), (2.0, True), (math.inf, True)]
+
+
+def _bench_problem(n: int = 200):
+    from pyboundary import zoo as models
+    from pyboundary.zoo import data
+
+    model = models.reference_model("lenet", "fashion-mnist", progress=False).eval()
+    x = data.load_dataset("fashion-mnist", "test", limit=n, seed=0).x.float()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_deepfool_vs_fastest_peer(benchmark):
+    """`make bench`: ours (pruned, unrefined) vs the fastest installed peer of each mode (foolbox
+    unclipped, adv-lib with the box), 200 images, one run; ratios and rows in extra_info."""
+    import pytest
+
+    pytest.importorskip("foolbox")
+    model, x, y = _bench_problem()
+    counted = Counted(model).eval()
+    n, bs = x.shape[0], 100
+    results = {}
+
+    def measure():
+        for p, clip in _MODES:
+            mode = f"{'Linf' if math.isinf(p) else 'L2'} {'clamp' if clip else 'unclipped'}"
+            clamp = (0.0, 1.0) if clip else None
+            mine = ours(counted, x, y, p, clamp, True, False, bs, 2)
+            make = (lambda: advlib_df(counted, x, y, p, bs, 2)) if clip and importlib.util.find_spec("adv_lib") \
+                else (lambda: foolbox_df(counted, x, y, p, clamp or (-1e6, 1e6), bs, 2))
+            run, reps = make()
+            counted.reset()
+            secs, adv = _timed(run, reps)
+            med, succ = _outcome(model, x, y, adv.float(), p)
+            results[mode] = dict(ours_ms=1000 * mine["secs"] / n, peer_ms=1000 * secs / n,
+                                 ratio=secs / mine["secs"], ours_median=mine["median"], peer_median=med,
+                                 peer_success=succ, ours_rev_rows=mine["rev_rows"],
+                                 peer_rev_rows=counted.backward_rows / reps / n)
+
+    benchmark.group = "DeepFool vs the fastest peer (LeNet, 200 Fashion-MNIST images, CPU time)"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(results)
+    for mode, r in results.items():
+        print(f"\n{mode}: ours {r['ours_ms']:.2f} ms, peer {r['peer_ms']:.2f} ms ({r['ratio']:.1f}x); "
+              f"reverse rows {r['ours_rev_rows']:.1f} vs {r['peer_rev_rows']:.1f}")
+        # the same boundary: medians within 2 % (ours unrefined, overshoot included like the peers')
+        assert abs(r["ours_median"] / r["peer_median"] - 1) < 0.02, (mode, r)
+        assert r["ours_rev_rows"] < r["peer_rev_rows"], (mode, r)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ rerun only recomputes what is missing (``--fresh`` recomputes everything).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -204,6 +205,40 @@ def main(argv=None):
             json.dump([{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rows],
                       fh)
     return 0
+
+
+def test_tight_vs_fmn_warm(benchmark):
+    """`make bench`: the tight mode vs adv-lib's FMN warm-started from our DeepFool point (100
+    steps), 100 correctly classified test images, L2 and L-inf with the box; per-sample ratios of
+    the tight margin to FMN's and the CPU-time ratio in extra_info."""
+    import pytest
+
+    if importlib.util.find_spec("adv_lib") is None:
+        pytest.skip("adv-lib is not installed (make .venv/.peers)")
+    model, x, labels = load_problem("test", 100)
+    counted = Counted(model).eval()
+    results = {}
+
+    def measure():
+        for p in (2.0, math.inf):
+            m = methods(counted, x, labels, p, 100, {"deepfool", "deepfool-tight", "fmn-warm-100"})
+            rows = {name: run_method(name, fn, counted, x, labels, p) for name, fn in m.items()}
+            tight, fmn, plain = rows["deepfool-tight"], rows["fmn-warm-100"], rows["deepfool"]
+            ratio = tight["norms"] / fmn["norms"]
+            results["Linf" if math.isinf(p) else "L2"] = dict(
+                tight_ms=tight["ms"], fmn_warm_100_ms=fmn["ms"], speed_ratio=fmn["ms"] / tight["ms"],
+                median_ratio_to_fmn=float(ratio.median()), p90_ratio_to_fmn=float(ratio.quantile(0.9)),
+                never_above_deepfool=bool((tight["norms"] <= plain["norms"] * (1 + 1e-6)).all()))
+
+    benchmark.group = "tight mode vs FMN warm-started (LeNet, 100 images, box [0, 1], CPU time)"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(results)
+    for norm_name, r in results.items():
+        print(f"\n{norm_name}: tight {r['tight_ms']:.2f} ms vs FMN-warm-100 {r['fmn_warm_100_ms']:.2f} ms "
+              f"({r['speed_ratio']:.1f}x); tight / FMN median {r['median_ratio_to_fmn']:.4f}, "
+              f"p90 {r['p90_ratio_to_fmn']:.4f}")
+        assert r["never_above_deepfool"], norm_name
+        assert r["median_ratio_to_fmn"] < 1.02, (norm_name, r)  # within 2 % of FMN in median
 
 
 if __name__ == "__main__":
