@@ -66,15 +66,21 @@ def test_auto_batch_within_factor_two_of_the_true_maximum():
     assert measure_peak(lambda: run(plan.batch_size), "cpu") <= budget
 
 
-@needs_proc
-def test_explicit_batch_above_the_budget_is_refused_before_the_work():
-    model = WideLinear()
-    x = torch.randn(512, 16)
+def _counted_work(model, x):
+    """(run, calls): _work(model, x) that records the rows of each call in calls."""
     calls = []
 
     def run(r):
         calls.append(r)
         return _work(model, x)(r)
+
+    return run, calls
+
+
+@needs_proc
+def test_explicit_batch_above_the_budget_is_refused_before_the_work():
+    model = WideLinear()
+    run, calls = _counted_work(model, torch.randn(512, 16))
 
     with pytest.raises(MemoryBudgetError, match=r"batch_size=512 cannot fit.*needs an estimated .*GiB.*"
                                                 r"memory budget of 64\.0 MiB.*batch_size <= \d+"):
@@ -97,12 +103,7 @@ def test_small_work_is_not_probed_and_off_skips_the_probe():
 @needs_proc
 def test_a_probe_is_reused_per_owner_and_key():
     model = WideLinear()
-    x = torch.randn(512, 16)
-    calls = []
-
-    def run(r):
-        calls.append(r)
-        return _work(model, x)(r)
+    run, calls = _counted_work(model, torch.randn(512, 16))
 
     first = plan_batch_size(run, 512, device="cpu", memory_budget=64 * MiB, reuse=(model, ("a", 16)))
     n_probe = len(calls)
