@@ -7,6 +7,9 @@ ranks (see :mod:`pyboundary.scans.distributed`).
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,11 @@ from .args import (
 )
 
 __all__ = ["STORE_NAME", "register"]
+
+#: inputs of at least this many values per sample (224x224x3 is 150,528) make activations of tens
+#: of MiB, which glibc's malloc maps and unmaps on every use (benchmarks/README.md, "Margin scan
+#: at 224x224": tcmalloc ran such a scan 1.6x faster on CPU)
+LARGE_INPUT = 100_000
 
 #: pyboundary.scans.margins.RUN_STORE_NAME, spelled out so that the command line starts without
 #: importing torch (tests/cli/test_cli_compare.py checks that the two agree)
@@ -125,8 +133,25 @@ def _report(scan, out: Path) -> None:
     print("wrote " + ", ".join(str(p) for p in [out / STORE_NAME, out / "summary.txt", *paths]))
 
 
+def allocator_tip(image_shape, device_name: str, environ=os.environ, platform: str = sys.platform) -> str | None:
+    """A one-line tip for CPU scans of large inputs under glibc's malloc (None when it does not apply)."""
+    if not platform.startswith("linux") or not str(device_name).startswith("cpu"):
+        return None
+    if math.prod(image_shape) < LARGE_INPUT:
+        return None
+    preload = environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload or "jemalloc" in preload:
+        return None
+    return ("tip: on CPU, inputs this large spend much time in glibc's malloc mapping memory; "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian/Ubuntu package "
+            "libtcmalloc-minimal4) ran a 224x224 scan 1.6x faster (see pyboundary's benchmarks/README.md)")
+
+
 def cmd_scan(args) -> int:
     model, ds = load_model_and_data(args, stream=True)
+    tip = allocator_tip(tuple(ds.image_shape), device(args.device))
+    if tip and os.environ.get("RANK", "0") == "0":
+        print(tip, file=sys.stderr)
     t0 = time.perf_counter()
     scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
     if scan is not None:

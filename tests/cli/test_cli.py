@@ -174,3 +174,16 @@ def test_tight_classes_flag(tmp_path, tiny_model, capsys):
     assert cli.main(_scan_args(out, tiny_model, "--tight", "--tight-classes", "1")) == 0
     scan = MarginScan.load(out)
     assert scan.tight and scan.meta["params"]["tight_classes"] == 1
+
+
+def test_allocator_tip_only_for_large_cpu_inputs_under_glibc(tmp_path, tiny_model, capsys):
+    from pyboundary.cli.scan import allocator_tip
+
+    assert "libtcmalloc" in allocator_tip((3, 224, 224), "cpu", environ={}, platform="linux")
+    assert allocator_tip((1, 28, 28), "cpu", environ={}, platform="linux") is None
+    assert allocator_tip((3, 224, 224), "cuda", environ={}, platform="linux") is None
+    assert allocator_tip((3, 224, 224), "cpu", environ={"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"},
+                         platform="linux") is None
+    assert allocator_tip((3, 224, 224), "cpu", environ={}, platform="darwin") is None
+    assert cli.main(_scan_args(tmp_path / "small", tiny_model)) == 0
+    assert "tip:" not in capsys.readouterr().err  # 8x8 digits: no tip
