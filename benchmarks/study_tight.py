@@ -28,7 +28,7 @@ from _peers import Counted, norms  # noqa: E402
 from bench_tight import load_problem  # noqa: E402
 
 import pyboundary  # noqa: E402
-from pyboundary.attacks.deepfool import _box_linf_root  # noqa: E402
+from pyboundary.attacks._boundary import box_root as _box_linf_root  # noqa: E402
 
 LO, HI = 0.0, 1.0
 

@@ -364,9 +364,45 @@ def test_affine_clamp_linf_box_closed_form():
     aud = deepfool(model, x, p=math.inf, clamp=(0.0, 1.0), overshoot=0.0, refine=False, prune="audit")
     assert aud.prune_choices > 0 and aud.prune_mismatch == 0
     torch.testing.assert_close(aud.margin, res.margin)
-    # L2 with a clamp keeps the clipped-step path (several iterations)
+    # L2 with a clamp: box-aware steps too (coordinate i moves by min(lambda |g_i|, room_i)),
+    # exact in 2 steps (the first aims at _CLAMP_L2_FIRST_FRACTION of the gap)
+    l2_exact = _box_l2_closed_form(model, x, 0.0, 1.0)
+    assert (l2_exact > _closed_form(model, x, 2.0) * 1.05).all()  # the box matters for every sample
     l2 = deepfool(model, x, p=2, clamp=(0.0, 1.0), overshoot=0.0, refine=False)
-    assert l2.converged.all() and (l2.iterations > 2).any()
+    assert l2.converged.all() and (l2.iterations <= 2).all()
+    adv = x + l2.perturbation
+    assert adv.min() >= 0 and adv.max() <= 1 and (model(adv).argmax(1) != l2.orig_label).all()
+    assert (l2.margin >= l2_exact * (1 - 1e-9)).all()
+    torch.testing.assert_close(l2.margin, _box_l2_closed_form(model, x, 0.0, 1.0, push=_CLAMP_PUSH),
+                               rtol=1e-3, atol=0)
+    # refined: bracketed on the ray through the pushed point, so between the exact distance and
+    # the pushed margin (the box-clipped solution bends with the gap: the ray misses it slightly)
+    refined = deepfool(model, x, p=2, clamp=(0.0, 1.0), overshoot=0.0, tol=1e-9)
+    assert (refined.margin >= l2_exact * (1 - 1e-9)).all() and (refined.margin <= l2.margin * (1 + 1e-9)).all()
+    torch.testing.assert_close(refined.margin, l2_exact, rtol=2e-3, atol=0)
+
+
+def _box_l2_closed_form(model, x, lo, hi, push=0.0):
+    """Exact L2 distance from x to the complement of its affine region inside [lo, hi]^D: per
+    class j, d_i = sign(dw_ji) min(lambda |dw_ji|, room_ji) with sum_i |dw_ji| min(lambda |dw_ji|,
+    room_ji) = |F_j| (bisection in float64); the smallest ||d||_2. push as in _box_linf_closed_form."""
+    with torch.no_grad():
+        f = model(x)
+        ref = f.argmax(1)
+        F = (f - f.gather(1, ref[:, None])).abs()
+        F = torch.where(F > 0, F + push * f.abs().amax(1, keepdim=True), F)
+        dw = model.W[None] - model.W[ref][:, None]
+        room = torch.where(dw > 0, hi - x[:, None], x[:, None] - lo)
+        a = dw.abs()
+        l_lo, l_hi = torch.zeros_like(F), torch.full_like(F, 1e6)
+        for _ in range(300):
+            mid = (l_lo + l_hi) / 2
+            reach = (a * torch.minimum(mid[..., None] * a, room)).sum(2) >= F
+            l_lo, l_hi = torch.where(reach, l_lo, mid), torch.where(reach, mid, l_hi)
+        d = torch.minimum(l_hi[..., None] * a, room)
+        reachable = (a * room).sum(2) >= F
+        v = torch.where(reachable & (F > 0), d.norm(dim=2), torch.full_like(F, math.inf))
+        return v.min(1).values
 
 
 def test_seeded_retries_deterministic(mlp, digits):

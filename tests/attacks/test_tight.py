@@ -304,8 +304,9 @@ def test_trained_cnn_batched_equals_one_at_a_time(cnn64):
     torch.testing.assert_close(batched.perturbation, single.perturbation, rtol=1e-9, atol=1e-12)
     assert torch.equal(batched.adv_label, single.adv_label)
     # a polish query whose bound ties the best within float rounding (the model's batched and
-    # single-row arithmetic differ in the last bits) may or may not be made: one step at most
-    assert (batched.tight_steps - single.tight_steps).abs().max() <= 1
+    # single-row arithmetic differ in the last bits) may or may not be made, and then the next
+    # one: two polish steps at most, the same point and margin either way (checked above)
+    assert (batched.tight_steps - single.tight_steps).abs().max() <= 2
 
 
 def test_tight_in_subspace_and_targeted(cnn64):
