@@ -69,20 +69,20 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in (
     Entry("holdmetight-frequency", _HMT,
           "Figs. 2-4: margins along the DCT diagonal (low -> high frequency): Fashion-MNIST LeNet "
           "(standard, trained on DCT-flipped data, PGD-trained) and ImageNet EfficientNet-Lite0",
-          "holdmetight:frequency", 185),
+          "holdmetight:frequency", 177),
     Entry("mickisch-dynamics", _MICKISCH,
           "Figs. 2-5: mean DeepFool margin of train/test inputs over training, standard vs PGD "
-          "adversarial training, split by correct/wrong", "mickisch:dynamics", 56),
+          "adversarial training, split by correct/wrong", "mickisch:dynamics", 47),
     Entry("fawzi-curvature", _FAWZI,
           "Sec. 4: curvature profile (sorted principal curvatures), shared curved directions, noise "
-          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 49),
+          "inside/outside them, and a universal perturbation's energy in them", "fawzi:curvature", 45),
     Entry("fawzi-detection", _FAWZI,
           "Sec. 5: curvature-based detection of DeepFool-perturbed ImageNet inputs with EfficientNet-Lite0 (AUC "
           "with CI, TPR at calibrated 5% FPR, label recovery, noise control, Table II), via detection_study",
-          "fawzi:detection", 271),
+          "fawzi:detection", 222),
     Entry("fawzi-topology", _FAWZI,
           "Sec. 3: path connectivity of classification regions (three scenarios) and convex "
-          "combinations of same-class inputs", "fawzi:topology", 7),
+          "combinations of same-class inputs", "fawzi:topology", 6),
 )}
 
 
