@@ -66,3 +66,17 @@ def box_root(w: Tensor, room: Tensor, b: Tensor, max_rounds: int = 50):
         t = torch.where(short, t + (b - phi) / slope.clamp_min(tiny), t)
     return t, feasible
 
+
+def box_moves(a: Tensor, room: Tensor, b: Tensor, p: float):
+    """The minimum-norm way to gain b along non-negative weights inside a box, per row of (..., M):
+    argmin ||m||_p s.t. sum_i a_i m_i >= b, 0 <= m_i <= room_i. For p = inf m_i = min(t, room_i),
+    for p = 2 m_i = min(lambda a_i, room_i), the scalar the root found by :func:`box_root` (for
+    p = 2 on weights a_i^2 and rooms room_i / a_i). a, room: (..., M) >= 0 (room may be +inf);
+    b: (...) > 0. Returns moves (..., M) and feasible (...) (moves are meaningless where False).
+    A signed step towards sign(g) is ``g.sign() * moves`` with a = |g|."""
+    if math.isinf(p):
+        t, feasible = box_root(a, room, b)
+        return torch.minimum(t.unsqueeze(-1), room), feasible
+    scaled = torch.where(a > 0, room / a.clamp_min(torch.finfo(a.dtype).tiny), torch.full_like(room, math.inf))
+    lam, feasible = box_root(a * a, scaled, b)
+    return torch.minimum(lam.unsqueeze(-1) * a, room), feasible

@@ -91,7 +91,7 @@ from .._utils.validation import (
 )
 from ..subspaces import FullSpace, Subspace
 from ._boundary import NOISE_ULPS as _NOISE_ULPS
-from ._boundary import box_root as _box_root
+from ._boundary import box_moves as _box_moves
 from ._boundary import dual_norm as _dual_norm
 from ._boundary import norm as _norm
 from ._boundary import robust_score as _robust_score
@@ -693,9 +693,9 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     From the iterate x0 + s r (s = 1 + overshoot, inside the box), coordinate i can move the
     state by at most room_i = (hi - x0_i)/s - r_i in the direction sign(g_i) > 0 (r_i - (lo -
     x0_i)/s for sign(g_i) < 0). min ||step||_p s.t. <g, step> >= b over that box
-    (:func:`_box_solution`): for p = inf step_i = sign(g_i) min(t, room_i), t the root of
+    (:func:`pyboundary.attacks._boundary.box_moves`): for p = inf step_i = sign(g_i) min(t, room_i), t the root of
     sum_i |g_i| min(t, room_i) = b; for p = 2 step_i = sign(g_i) min(lambda |g_i|, room_i), lambda
-    the root of sum_i |g_i| min(lambda |g_i|, room_i) = b (both by :func:`_box_root`). b is the
+    the root of sum_i |g_i| min(lambda |g_i|, room_i) = b. b is the
     push of :func:`ops.deepfool_select` (the gap, slightly more). The candidate with the smallest
     box-aware step norm wins (pruned candidates, zero gradient, are never chosen); the first step
     from the clean input then goes ``_CLAMP_LINF_FIRST_FRACTION`` / ``_CLAMP_L2_FIRST_FRACTION``
@@ -717,11 +717,12 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     a = gc.abs()
     b = (1.0 + ops.DEFAULT_SELECT_EPS) * gap.abs() + ops.SELECT_ABS_PUSH * ops.DEFAULT_SELECT_EPS
     first = (r == 0).all(-1)  # (n, 1): the step from the clean input
-    linf = math.isinf(ctx.p)
-    frac = torch.where(first, _CLAMP_LINF_FIRST_FRACTION if linf else _CLAMP_L2_FIRST_FRACTION, 1.0)
+    first_fraction = _CLAMP_LINF_FIRST_FRACTION if math.isinf(ctx.p) else _CLAMP_L2_FIRST_FRACTION
+    frac = torch.where(first, first_fraction, 1.0)
     # the class is chosen on the full linearised gap (exact on affine models), the first step then
     # goes the fraction of the way along the chosen class's solution path
-    value, _, feasible = _box_solution(a, room, b, linf)
+    moves, feasible = _box_moves(a, room, b, ctx.p)
+    value = _norm(moves.reshape(n * Jp, M), ctx.p).reshape(n, Jp)
     ok = feasible & (a.sum(-1) > 0)
     v_best, c = torch.where(ok & keep if keep is not None else ok, value, torch.full_like(value, math.inf)).min(1)
     if keep is not None:  # audit: the choice among all candidates vs the pruned one
@@ -731,22 +732,10 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     found = torch.isfinite(v_best).unsqueeze(1)
     pick = c.view(n, 1, 1).expand(n, 1, M)
     a_c, room_c = a.gather(1, pick), room.gather(1, pick)  # (n, 1, M)
-    _, t_c, _ = _box_solution(a_c, room_c, (frac * b).gather(1, c.unsqueeze(1)), linf)
-    t_c = t_c.masked_fill(~found, 0).unsqueeze(-1)
-    reach = t_c if linf else t_c * a_c
-    box_step = gc.gather(1, pick).sign() * torch.minimum(reach, room_c)
+    b_c = torch.where(found, (frac * b).gather(1, c.unsqueeze(1)), torch.ones_like(v_best.unsqueeze(1)))
+    moves_c, _ = _box_moves(a_c, room_c, b_c, ctx.p)
+    box_step = gc.gather(1, pick).sign() * moves_c
     return torch.where(found, box_step.squeeze(1), step)
-
-
-def _box_solution(a: Tensor, room: Tensor, b: Tensor, linf: bool):
-    """min ||d|| s.t. sum_i a_i d_i >= b, 0 <= d_i <= room_i, per row of (..., M):
-    (value (...), t (...), feasible (...)); d_i = min(t, room_i) (L-inf) or min(t a_i, room_i) (L2)."""
-    if linf:
-        t, feasible = _box_root(a, room, b)
-        return t, t, feasible
-    scaled = torch.where(a > 0, room / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
-    t, feasible = _box_root(a * a, scaled, b)
-    return torch.minimum(t.unsqueeze(-1) * a, room).norm(dim=-1), t, feasible
 
 
 def _duplicate_groups(ch: _Chunk, a: Tensor):

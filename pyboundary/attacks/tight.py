@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._boundary import box_root, norm, robust_score
+from ._boundary import box_moves, norm, robust_score
 
 #: Default number of norm-budget steps per norm (one forward and one reverse row each, per sample).
 #: Measured on the train split (200 inputs, reference LeNet, box [0, 1]), median ratio to the best
@@ -141,21 +141,15 @@ def min_norm_point(G: Tensor, beta: Tensor, lo: Tensor | None, hi: Tensor | None
 
 def _single(g: Tensor, beta: Tensor, lo: Tensor | None, hi: Tensor | None, p: float):
     """argmin ||d||_p s.t. g . d >= beta, lo <= d <= hi (rows): coordinates move towards sign(g)
-    by min(lambda |g_i|, room_i) (p = 2) or min(t, room_i) (p = inf), the scalar found by
-    :func:`pyboundary.attacks._boundary.box_root`. g: (n, m); beta: (n,). -> (d, value)."""
+    by min(lambda |g_i|, room_i) (p = 2) or min(t, room_i) (p = inf)
+    (:func:`pyboundary.attacks._boundary.box_moves`). g: (n, m); beta: (n,). -> (d, value)."""
     a = g.abs()
     if lo is None:
         room = torch.full_like(g, math.inf)
     else:
         room = torch.where(g > 0, hi, -lo).clamp_min(0)
-    b = beta.clamp_min(0)
-    if math.isinf(p):
-        t, feasible = box_root(a, room, b)
-        d = g.sign() * torch.minimum(t.unsqueeze(1), room)
-    else:
-        scaled = torch.where(a > 0, room / a.clamp_min(torch.finfo(g.dtype).tiny), torch.full_like(room, math.inf))
-        lam, feasible = box_root(a * a, scaled, b)
-        d = g.sign() * torch.minimum(lam.unsqueeze(1) * a, room)
+    moves, feasible = box_moves(a, room, beta.clamp_min(0), p)
+    d = g.sign() * moves
     d = torch.where(feasible.unsqueeze(1), d, g.sign() * room.nan_to_num(posinf=0.0))
     d = torch.where((beta > 0).unsqueeze(1), d, torch.zeros_like(d))
     val = torch.where(feasible | (beta <= 0), norm(d, p), torch.full_like(beta, math.inf))
