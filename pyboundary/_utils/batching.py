@@ -19,7 +19,9 @@
   re-read every call): a loop of ``deepfool`` calls over batches probes once.
 * :func:`resolve_batch_size`: :data:`DEFAULT_BATCH_SIZE` for light work that needs no probe.
 
-:func:`map_with_backoff` runs chunks and, when one still raises an out-of-memory error
+:func:`map_with_backoff` runs chunks (with a :class:`BackoffState` that has a budget, each one's
+peak is measured and a chunk over the budget lowers the size of the chunks after it) and, when
+one still raises an out-of-memory error
 (``torch.OutOfMemoryError``, i.e. ``torch.cuda.OutOfMemoryError``, or the CPU allocator's "can't
 allocate memory"), retries it in halves down to one row; later chunks keep the smaller size. On
 CPU the kernel usually kills a process before an allocation fails, which is why the probe and
@@ -28,6 +30,7 @@ the budget come first.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -38,7 +41,8 @@ from typing import Callable, Sequence
 import torch
 
 from .memory import (DEFAULT_PROBE_ROWS, SAFETY, MemoryProbe, _device, cpu_peak_supported, format_bytes,
-                     parse_memory_budget, probe_memory, resolve_budget)
+                     memory_in_use, parse_memory_budget, peak_since_window, probe_memory, resolve_budget,
+                     start_peak_window)
 from .validation import check_int
 
 __all__ = [
@@ -107,6 +111,13 @@ class BatchPlan:
                 "fixed_bytes": None if self.fixed is None else round(self.fixed),
                 "estimated_peak_bytes": None if self.need is None else round(self.need),
                 "budget_origin": self.budget_origin, "unit": self.unit}
+
+    def state(self, align: int = 1) -> BackoffState:
+        """The :class:`BackoffState` to run this plan with: an automatic choice is checked batch by
+        batch against the budget (and lowered when a batch goes over it); an explicit or unchecked
+        size is kept (but for out-of-memory back-off)."""
+        budget = self.budget if self.source == "auto" else None
+        return BackoffState(self.batch_size, budget=budget, device=self.device, align=align, unit=self.unit)
 
     def format_summary(self) -> str:
         text = f"batch of {self.batch_size} {self.unit} ({self.source}"
@@ -249,14 +260,62 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class BackoffState:
-    """Rows per call after back-offs, shared by successive :func:`map_with_backoff` calls."""
+    """Rows per call, shared by successive :func:`map_with_backoff` calls: lowered after an
+    out-of-memory error, and (with a ``budget``) after a call whose measured peak went over it.
 
-    def __init__(self, batch_size: int):
+    The probe behind an automatic batch size measures a few rows; a model whose memory grows
+    faster than linearly with the batch, or an allocator that fragments more on larger batches,
+    can make a full batch need more than estimated. With ``budget`` set, every call's peak
+    (CPU: the process's peak resident set size; CUDA: torch's peak allocated bytes) is measured
+    against the memory in use when the state was made, and a call that used more than ``budget``
+    lowers the rows of the calls after it in proportion (rounded down to a multiple of
+    ``align`` when at least ``align``), with a warning.
+
+    Attributes:
+        batch_size: rows per call now.
+        backoffs: halvings after out-of-memory errors.
+        shrinks: reductions after calls measured over the budget.
+        peak_used: the largest measured use of one call (bytes above the baseline; 0 unmeasured).
+    """
+
+    def __init__(self, batch_size: int, *, budget: int | None = None, device=None, align: int = 1,
+                 unit: str = "rows"):
         self.batch_size = int(batch_size)
         self.backoffs = 0
+        self.shrinks = 0
+        self.peak_used = 0
+        self.budget, self.device, self.align, self.unit = budget, device, max(1, int(align)), unit
+        self.baseline = memory_in_use(device) if budget is not None else None
 
     def __repr__(self) -> str:
-        return f"BackoffState(batch_size={self.batch_size}, backoffs={self.backoffs})"
+        return (f"BackoffState(batch_size={self.batch_size}, backoffs={self.backoffs}, "
+                f"shrinks={self.shrinks})")
+
+    def call(self, fn: Callable[[], object], rows: int):
+        """``fn()``, measured against the budget when there is one (see the class docstring)."""
+        if self.baseline is None or not start_peak_window(self.device):
+            return fn()
+        out = fn()
+        peak = peak_since_window(self.device)
+        if peak is not None:
+            self.after(rows, peak - self.baseline)
+        return out
+
+    def after(self, rows: int, used: int) -> None:
+        """Record that a call of ``rows`` rows used ``used`` bytes; shrink when over the budget."""
+        self.peak_used = max(self.peak_used, int(used))
+        if self.budget is None or used <= self.budget or rows <= 1:
+            return
+        new = max(1, int(rows * self.budget / used))
+        if new >= self.align:
+            new -= new % self.align
+        if new >= self.batch_size:
+            return
+        warnings.warn(f"a batch of {rows} {self.unit} used {format_bytes(used)}, more than the memory "
+                      f"budget of {format_bytes(self.budget)} estimated from the probe; continuing with "
+                      f"{new} {self.unit} per batch", stacklevel=4)
+        self.batch_size = new
+        self.shrinks += 1
 
 
 def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int | BackoffState, *,
@@ -265,7 +324,8 @@ def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int |
 
     A chunk whose call raises an out-of-memory error (:func:`is_out_of_memory`) is retried from
     the same start with half the rows (torch's CUDA cache emptied first); later chunks keep the
-    smaller size (also across calls when a :class:`BackoffState` is passed). A one-row chunk
+    smaller size (also across calls when a :class:`BackoffState` is passed; one with a budget
+    also measures every chunk and shrinks later ones after a chunk over it). A one-row chunk
     that runs out of memory re-raises. ``fn`` must not have side effects that a retry would
     repeat. ``on_backoff(old, new)`` is called at each halving. Returns the results in order.
     """
@@ -275,7 +335,7 @@ def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int |
         stop = min(n, start + state.batch_size)
         failed = False
         try:
-            out.append(fn(start, stop))
+            out.append(state.call(functools.partial(fn, start, stop), stop - start))
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(exc) or stop - start <= 1:
                 raise

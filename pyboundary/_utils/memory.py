@@ -14,6 +14,9 @@ The batch-size planner (:mod:`pyboundary._utils.batching`) builds on these:
   activations, retained graphs, oneDNN scratch space: everything the kernel's OOM killer
   counts). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   what was allocated before.
+* :func:`memory_in_use`, :func:`start_peak_window`, :func:`peak_since_window`: the process's
+  memory now and its peak over a window (the per-batch check of
+  :class:`pyboundary._utils.batching.BackoffState`).
 * :func:`probe_memory`: a linear model ``need(b) = fixed + b * per_row`` from two measured runs.
 
 Units: bytes everywhere.
@@ -32,7 +35,7 @@ import torch
 __all__ = [
     "DEFAULT_BUDGET_FRACTION", "DEFAULT_PROBE_ROWS", "SAFETY", "MemoryProbe", "available_memory",
     "parse_memory_budget", "resolve_budget", "measure_peak", "probe_memory", "cpu_peak_supported",
-    "format_bytes", "peak_rss",
+    "format_bytes", "peak_rss", "memory_in_use", "start_peak_window", "peak_since_window",
 ]
 
 #: fraction of the memory available now that an automatic batch may use, per device type. On CPU
@@ -228,6 +231,38 @@ def _reset_rss_peak() -> bool:
 def cpu_peak_supported() -> bool:
     """Whether :func:`measure_peak` can measure on CPU here (Linux ``/proc`` with a resettable peak)."""
     return _proc_status_kib("VmHWM") is not None and _reset_rss_peak()
+
+
+def memory_in_use(device=None) -> int | None:
+    """Bytes this process uses now: CPU resident set size (None off Linux); CUDA bytes allocated
+    by torch on the device."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.memory_allocated(dev))
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def start_peak_window(device=None) -> bool:
+    """Reset the peak statistic read by :func:`peak_since_window` (CPU: ``VmHWM`` to the current
+    resident set size; CUDA: torch's peak allocated bytes). Unlike :func:`measure_peak` it does not
+    trim the heap first (cheap enough to run around every batch), so memory the allocator kept
+    from earlier work counts as in use. False where the peak cannot be reset."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return True
+    return _reset_rss_peak()
+
+
+def peak_since_window(device=None) -> int | None:
+    """Peak bytes in use since :func:`start_peak_window` (CPU: ``VmHWM``; CUDA: torch's peak
+    allocated bytes, after a synchronisation)."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev))
+    return peak_rss()
 
 
 def measure_peak(fn: Callable[[], object], device=None) -> int:

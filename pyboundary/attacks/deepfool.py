@@ -550,7 +550,9 @@ def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tenso
         n_more = int(more.sum())
         split = 0 < n_more <= _SPLIT_FRACTION * cur.numel()
         stage = (j == 1 and second_stage) or (j == 0 and later_stage)
-        retain = n_more > 0 and (not split or stage)
+        # a stage's pruning only removes slots, so a split decided before it stays a split (or
+        # nothing is left): the full graph is not needed again then
+        retain = n_more > 0 and not split
         need = mask[cur, j].to(gap_cur.dtype)
         (gj,) = torch.autograd.grad((gap_cur[:, j] * need).sum(), x_cur, retain_graph=retain)
         ctx.n_backward += 1
@@ -789,6 +791,9 @@ def _iterate(ctx: _Ctx, ch: _Chunk, a: Tensor, first_attempt: bool) -> None:
             _step(ctx, ch, ar, xa, rows, logits[rows])
         else:
             _step_shared(ctx, ch, ar, xa, rows, logits, a[groups[0]], groups[1])
+        # drop this iterate's graph (retained when pruning re-forwarded a subset) before the
+        # next forward: holding it there doubled the peak memory of a batch
+        del xa, logits
         a = ar
 
 
@@ -1072,7 +1077,7 @@ def deepfool(
     with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
         plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
                                default=DEFAULT_BATCH_SIZE, unit="samples", reuse=(model, _probe_key(ctx, x)))
-        parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, plan.batch_size, device=x.device) if n else []
+        parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, plan.state(), device=x.device) if n else []
     if parts:
         out = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
     else:

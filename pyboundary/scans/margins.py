@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils.batching import BatchPlan, plan_batch_size
+from .._utils.batching import BackoffState, BatchPlan, map_with_backoff, plan_batch_size
 from .._utils.memory import DEFAULT_PROBE_ROWS, format_bytes
 from .._utils.model import model_device
 from .._utils.results import Result
@@ -814,7 +814,7 @@ def margin_scan(
         left = sum(int(b.shape[0]) for b in batches)
         with ScanProgress(total, total - left, enabled=progress, note=f"batch {plan.batch_size}") as bar:
             _run_pairs(engine_model, src, family, batches, params, dev, st, acc, bar, layout,
-                       plan.batch_size, workers)
+                       plan.state(align=family.n_members), workers)
         if st is not None:
             return scan_from_store(st)
         return acc.to_scan(src.labels, family, params["p"], meta)
@@ -918,18 +918,23 @@ def _channels_last_copy(model, image_shape: tuple, dev, wanted: bool | None):
         return None
 
 
-def _run_pairs(model, src: _Source, family, batches, params, dev, st, acc, bar, layout, engine_batch: int,
+def _run_pairs(model, src: _Source, family, batches, params, dev, st, acc, bar, layout, calls: BackoffState,
                workers) -> None:
-    """One engine call per batch of mixed (sample, member) pairs (split into calls of at most
-    ``engine_batch`` pairs by the engine); each batch stored as it finishes."""
+    """Engine calls of at most ``calls.batch_size`` pairs over each batch of mixed (sample,
+    member) pairs (measured against the memory budget, and halved on out-of-memory errors, by
+    :func:`~pyboundary._utils.batching.map_with_backoff`); each batch stored as it finishes."""
     deepfool = _engine()
     opts = {k: v for k, v in params.items() if k != "p"}
     feeder = BatchFeeder(src.data, batches, dev, workers=workers, layout=layout)
     for chunk, xb in feeder:
         si, sj = chunk[:, 0], chunk[:, 1]
-        res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev),
-                       batch_size=min(engine_batch, int(chunk.shape[0])), memory_budget="off", **opts)
-        acc.add(si, sj, res)
+
+        def call(s: int, e: int, xb=xb, si=si, sj=sj):
+            res = deepfool(model, xb[s:e], p=params["p"], subspace=family, subspace_index=sj[s:e].to(dev),
+                           batch_size=e - s, memory_budget="off", **opts)
+            acc.add(si[s:e], sj[s:e], res)
+
+        map_with_backoff(call, int(chunk.shape[0]), calls, device=dev)
         new_samples, new_keys = acc.add_keys(si, xb)
         if st is not None:
             samples = torch.unique(si)

@@ -277,3 +277,44 @@ def test_plan_aligns_an_automatic_batch_to_whole_images(monkeypatch):
     assert plan.batch_size == 84 and plan.source == "auto"  # 86 fit, 6 whole images of 14 members
     capped = plan_batch_size(lambda r: None, 10_000, device="cpu", memory_budget=100 * MiB, max_batch_size=30)
     assert capped.batch_size == 30
+
+
+# ------------------------------------------------------------------------------ per-batch check
+@needs_proc
+def test_a_batch_measured_over_the_budget_lowers_the_batches_after_it():
+    def touch(s, e):  # 4 MiB written per row, kept until the call returns
+        t = torch.ones((e - s) * MiB)
+        return (s, e, float(t[-1]))
+
+    state = BackoffState(32, budget=48 * MiB, device="cpu", align=4, unit="pairs")
+    with pytest.warns(UserWarning, match="more than the memory budget"):
+        out = map_with_backoff(touch, 200, state)
+    assert out[0][:2] == (0, 32)
+    assert [s for s, _, _ in out] == sorted({s for s, _, _ in out}) and out[-1][1] == 200  # complete, in order
+    assert state.shrinks >= 1 and state.batch_size % 4 == 0 and state.batch_size <= 12
+    assert all(e - s <= 12 for s, e, _ in out[1:])  # 128 MiB measured at 32 rows: 48/128 x 32 = 12
+    assert state.peak_used >= 120 * MiB
+
+
+def test_the_per_batch_check_reads_cuda_statistics(monkeypatch):
+    fake = FakeCuda(total=10 * 2**30, per_row=0, fixed=0)
+    fake.install(monkeypatch)
+    sizes = []
+
+    def quadratic(s, e):  # memory that grows faster than the rows (what a probe cannot see)
+        sizes.append(e - s)
+        fake.peak = max(fake.peak, fake.allocated + (e - s) ** 2 * MiB)
+
+    state = BackoffState(40, budget=400 * MiB, device="cuda:0")
+    with pytest.warns(UserWarning, match="continuing with 10"):
+        map_with_backoff(quadratic, 100, state)
+    # 1600 MiB at 40 rows -> 10 rows (400 / 1600 x 40); 100 MiB at 10 rows is within the budget
+    assert sizes == [40, 10, 10, 10, 10, 10, 10] and state.shrinks == 1
+
+
+def test_only_an_automatic_batch_is_checked_per_batch():
+    auto = batching.BatchPlan(32, "auto", "cpu", budget=100 * MiB)
+    explicit = batching.BatchPlan(32, "explicit", "cpu", budget=100 * MiB)
+    assert auto.state(align=4).budget == 100 * MiB and auto.state(align=4).align == 4
+    assert explicit.state().budget is None  # an explicit batch size wins (checked before the work only)
+    assert batching.BatchPlan(32, "unchecked", "cpu").state().budget is None

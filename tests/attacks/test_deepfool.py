@@ -1,6 +1,7 @@
 """The batched DeepFool engine: closed-form margins of affine models, trained nets, errors."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -591,3 +592,61 @@ def test_model_invariant_inside_a_member_fails_instead_of_a_huge_margin():
     assert bool(res.converged.all())
     ratio = res.margin / exact
     assert bool((ratio >= 1 - 1e-12).all() and (ratio <= 1 + 1e-4).all())
+
+
+class _GraphToken(torch.autograd.Function):
+    """Identity that saves a token tensor for its backward: the token lives exactly as long as
+    the saved tensors of the graph of the forward that made it (freed by a backward without
+    retain_graph, or when the graph's outputs are dropped)."""
+
+    live = 0
+
+    @staticmethod
+    def _gone():
+        _GraphToken.live -= 1
+
+    @staticmethod
+    def forward(ctx, x):
+        token = torch.zeros(1)
+        _GraphToken.live += 1
+        weakref.finalize(token, _GraphToken._gone)
+        ctx.save_for_backward(token)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize("subspace", [False, True])
+def test_an_iterate_forward_runs_with_no_earlier_graph_alive(cnn, digits, monkeypatch, subspace):
+    """Memory: the graph of an iterate (retained when pruning re-forwards a subset of rows) is gone
+    before the next iterate's forward; holding it there doubled the peak of ImageNet batches."""
+    import inspect
+
+    import pyboundary.attacks.deepfool as engine
+
+    seen = []
+    forward = engine._forward
+
+    def counted(ctx, xa, grad_rows=0):
+        seen.append((inspect.stack()[1].function, _GraphToken.live))
+        return forward(ctx, xa, grad_rows)
+
+    monkeypatch.setattr(engine, "_forward", counted)
+
+    def model(x):
+        return cnn(_GraphToken.apply(x) if x.requires_grad else x)
+
+    x = digits[0][1600:1664]
+    kw = {}
+    if subspace:
+        sub = DCTDiagonal((1, 8, 8), K=4, T=2)
+        kw = {"subspace": sub, "subspace_index": torch.arange(64) % sub.n_members, "max_iter": 100}
+    res = deepfool(model, x, memory_budget="off", **kw)
+    iterates = [live for caller, live in seen if caller == "_iterate"]
+    assert len(iterates) >= 3 and res.iterations.float().mean() > 1.5
+    assert max(iterates) == 0, seen
+    # a re-forwarded subset may run next to its batch's graph, never next to two
+    assert max(live for _, live in seen) <= 1
+    assert any(caller == "_pruned_gradients" for caller, _ in seen)  # the split path ran
