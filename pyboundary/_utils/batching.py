@@ -36,6 +36,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -117,7 +118,8 @@ class BatchPlan:
         batch against the budget (and lowered when a batch goes over it); an explicit or unchecked
         size is kept (but for out-of-memory back-off)."""
         budget = self.budget if self.source == "auto" else None
-        return BackoffState(self.batch_size, budget=budget, device=self.device, align=align, unit=self.unit)
+        return BackoffState(self.batch_size, budget=budget, fixed=self.fixed or 0.0, device=self.device,
+                            align=align, unit=self.unit)
 
     def format_summary(self) -> str:
         text = f"batch of {self.batch_size} {self.unit} ({self.source}"
@@ -265,27 +267,28 @@ class BackoffState:
 
     The probe behind an automatic batch size measures a few rows; a model whose memory grows
     faster than linearly with the batch, or an allocator that fragments more on larger batches,
-    can make a full batch need more than estimated. With ``budget`` set, every call's peak
-    (CPU: the process's peak resident set size; CUDA: torch's peak allocated bytes) is measured
-    against the memory in use when the state was made, and a call that used more than ``budget``
-    lowers the rows of the calls after it in proportion (rounded down to a multiple of
+    can make a full batch need more than estimated. With ``budget`` set, every call's peak is
+    measured from the memory in use when the call starts (CPU: when the call raises the
+    process's peak resident set size; CUDA: torch's peak allocated bytes, whose statistics are
+    reset per call), and a call that used more than ``budget`` lowers the rows of the calls after
+    it to what fits with its measured cost per row beyond ``fixed`` (rounded down to a multiple of
     ``align`` when at least ``align``), with a warning.
 
     Attributes:
         batch_size: rows per call now.
         backoffs: halvings after out-of-memory errors.
         shrinks: reductions after calls measured over the budget.
-        peak_used: the largest measured use of one call (bytes above the baseline; 0 unmeasured).
+        peak_used: the largest measured use of one call (bytes; 0 when none was measured).
     """
 
-    def __init__(self, batch_size: int, *, budget: int | None = None, device=None, align: int = 1,
-                 unit: str = "rows"):
+    def __init__(self, batch_size: int, *, budget: int | None = None, fixed: float = 0.0, device=None,
+                 align: int = 1, unit: str = "rows"):
         self.batch_size = int(batch_size)
         self.backoffs = 0
         self.shrinks = 0
         self.peak_used = 0
-        self.budget, self.device, self.align, self.unit = budget, device, max(1, int(align)), unit
-        self.baseline = memory_in_use(device) if budget is not None else None
+        self.budget, self.fixed, self.device = budget, max(0.0, float(fixed or 0.0)), device
+        self.align, self.unit = max(1, int(align)), unit
 
     def __repr__(self) -> str:
         return (f"BackoffState(batch_size={self.batch_size}, backoffs={self.backoffs}, "
@@ -293,29 +296,52 @@ class BackoffState:
 
     def call(self, fn: Callable[[], object], rows: int):
         """``fn()``, measured against the budget when there is one (see the class docstring)."""
-        if self.baseline is None or not start_peak_window(self.device):
+        if self.budget is None:
             return fn()
+        in_use = memory_in_use(self.device)
+        start = start_peak_window(self.device)
         out = fn()
-        peak = peak_since_window(self.device)
-        if peak is not None:
-            self.after(rows, peak - self.baseline)
+        peak = peak_since_window(start, self.device)
+        if peak is not None and in_use is not None:
+            self.after(rows, peak - in_use)
         return out
+
+    def aligned(self, rows: int) -> int:
+        """rows rounded down to a multiple of ``align`` when at least ``align`` (at least 1)."""
+        rows = max(1, int(rows))
+        return rows - rows % self.align if rows >= self.align else rows
 
     def after(self, rows: int, used: int) -> None:
         """Record that a call of ``rows`` rows used ``used`` bytes; shrink when over the budget."""
         self.peak_used = max(self.peak_used, int(used))
         if self.budget is None or used <= self.budget or rows <= 1:
             return
-        new = max(1, int(rows * self.budget / used))
-        if new >= self.align:
-            new -= new % self.align
+        fixed = min(self.fixed, 0.5 * used)  # a probe's intercept cannot explain most of a measured peak
+        per_row = (used - fixed) / rows
+        new = self.aligned(int((self.budget - fixed) / per_row))
         if new >= self.batch_size:
             return
         warnings.warn(f"a batch of {rows} {self.unit} used {format_bytes(used)}, more than the memory "
-                      f"budget of {format_bytes(self.budget)} estimated from the probe; continuing with "
-                      f"{new} {self.unit} per batch", stacklevel=4)
+                      f"budget of {format_bytes(self.budget)}; continuing with {new} {self.unit} per batch",
+                      stacklevel=_caller_stacklevel())
         self.batch_size = new
         self.shrinks += 1
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package, for warnings about the
+    caller's call (the depth of the library frames in between varies)."""
+    package = Path(__file__).resolve().parents[1]
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        try:
+            inside = Path(frame.f_code.co_filename).resolve().is_relative_to(package)
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int | BackoffState, *,
@@ -345,7 +371,7 @@ def map_with_backoff(fn: Callable[[int, int], object], n: int, batch_size: int |
             continue
         _free_cached(device)
         old = stop - start
-        state.batch_size = max(1, old // 2)
+        state.batch_size = state.aligned(old // 2)
         state.backoffs += 1
         if on_backoff is not None:
             on_backoff(old, state.batch_size)

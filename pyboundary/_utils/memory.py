@@ -15,8 +15,9 @@ The batch-size planner (:mod:`pyboundary._utils.batching`) builds on these:
   counts). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   what was allocated before.
 * :func:`memory_in_use`, :func:`start_peak_window`, :func:`peak_since_window`: the process's
-  memory now and its peak over a window (the per-batch check of
-  :class:`pyboundary._utils.batching.BackoffState`).
+  memory now and the peak a piece of work reached (the per-batch check of
+  :class:`pyboundary._utils.batching.BackoffState`; on CPU it reads the process's peak without
+  resetting it).
 * :func:`probe_memory`: a linear model ``need(b) = fixed + b * per_row`` from two measured runs.
 
 Units: bytes everywhere.
@@ -25,6 +26,7 @@ Units: bytes everywhere.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -212,24 +214,41 @@ def _trim_heap() -> None:
             pass
 
 
-def peak_rss() -> int | None:
-    """The process's peak resident set size so far in bytes (``VmHWM``; None off Linux)."""
+#: the largest VmHWM seen before a reset (KiB): the measurements reset the kernel's peak, the
+#: process's lifetime peak is the larger of this and the current VmHWM
+_hwm_before_resets_kib = 0
+
+
+def _hwm_bytes() -> int | None:
     kib = _proc_status_kib("VmHWM")
     return None if kib is None else kib * 1024
 
 
+def peak_rss() -> int | None:
+    """The process's peak resident set size so far in bytes (None off Linux): ``VmHWM``, or the
+    larger peak it had before a measurement here reset it."""
+    kib = _proc_status_kib("VmHWM")
+    return None if kib is None else max(kib, _hwm_before_resets_kib) * 1024
+
+
 def _reset_rss_peak() -> bool:
-    """Reset the process's peak RSS (VmHWM) to the current RSS; False where Linux does not let us."""
+    """Reset the process's peak RSS (VmHWM) to the current RSS (the peak so far is kept for
+    :func:`peak_rss`); False where Linux does not let us."""
+    global _hwm_before_resets_kib
+    kib = _proc_status_kib("VmHWM")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    _hwm_before_resets_kib = max(_hwm_before_resets_kib, kib or 0)
+    return True
 
 
+@functools.cache
 def cpu_peak_supported() -> bool:
-    """Whether :func:`measure_peak` can measure on CPU here (Linux ``/proc`` with a resettable peak)."""
+    """Whether :func:`measure_peak` can measure on CPU here (Linux ``/proc`` with a resettable
+    peak; tried once per process)."""
     return _proc_status_kib("VmHWM") is not None and _reset_rss_peak()
 
 
@@ -243,26 +262,33 @@ def memory_in_use(device=None) -> int | None:
     return None if kib is None else kib * 1024
 
 
-def start_peak_window(device=None) -> bool:
-    """Reset the peak statistic read by :func:`peak_since_window` (CPU: ``VmHWM`` to the current
-    resident set size; CUDA: torch's peak allocated bytes). Unlike :func:`measure_peak` it does not
-    trim the heap first (cheap enough to run around every batch), so memory the allocator kept
-    from earlier work counts as in use. False where the peak cannot be reset."""
+def start_peak_window(device=None) -> int | None:
+    """Start watching the peak memory of a piece of work; pass the result to
+    :func:`peak_since_window`. CUDA: resets torch's peak allocated bytes (returns 0; so
+    ``torch.cuda.max_memory_allocated`` read later covers only the work since). CPU: reads the
+    kernel's peak resident set size (``VmHWM``) without resetting it (only the memory probe,
+    :func:`measure_peak`, resets it, once per plan; :func:`peak_rss` keeps the peak from before
+    such resets); None off Linux."""
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        return True
-    return _reset_rss_peak()
+        return 0
+    return _hwm_bytes()
 
 
-def peak_since_window(device=None) -> int | None:
-    """Peak bytes in use since :func:`start_peak_window` (CPU: ``VmHWM``; CUDA: torch's peak
-    allocated bytes, after a synchronisation)."""
+def peak_since_window(start: int | None, device=None) -> int | None:
+    """The peak bytes in use since :func:`start_peak_window` returned ``start``, or None where
+    unknown. CUDA: torch's peak allocated bytes (after a synchronisation). CPU: the process's new
+    peak resident set size if the work raised it above ``start``, else None (the work stayed
+    below a peak reached earlier)."""
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         return int(torch.cuda.max_memory_allocated(dev))
-    return peak_rss()
+    now = _hwm_bytes()
+    if start is None or now is None or now <= start:
+        return None
+    return now
 
 
 def measure_peak(fn: Callable[[], object], device=None) -> int:

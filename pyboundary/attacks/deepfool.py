@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._utils.batching import DEFAULT_BATCH_SIZE, map_with_backoff, plan_batch_size
+from .._utils.batching import DEFAULT_BATCH_SIZE, BackoffState, map_with_backoff, plan_batch_size
 from .._utils.model import check_logits, explain_dtype_errors, forward_logits, model_guard
 from .._utils.results import Result
 from .._utils.rng import make_generator
@@ -972,6 +972,7 @@ def deepfool(
     tight: bool = False,
     tight_steps: int | None = None,
     tight_classes: int = 0,
+    _calls: BackoffState | None = None,
 ) -> DeepFoolResult:
     """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
 
@@ -1023,6 +1024,8 @@ def deepfool(
             class whose linearisation at x did not look nearest, and one walk cannot leave its
             class's region; each class costs about one more tight run (see benchmarks/README.md,
             "Tight margins"). 0: the untargeted search only.
+        _calls: internal (the margin scan): the :class:`~pyboundary._utils.batching.BackoffState`
+            that sizes the calls, shared across calls so that a lowered size stays lowered.
     Returns:
         :class:`DeepFoolResult`.
     Raises:
@@ -1077,7 +1080,8 @@ def deepfool(
     with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
         plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
                                default=DEFAULT_BATCH_SIZE, unit="samples", reuse=(model, _probe_key(ctx, x)))
-        parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, plan.state(), device=x.device) if n else []
+        calls = plan.state() if _calls is None else _calls
+        parts = map_with_backoff(lambda s, e: chunk(ctx, s, e), n, calls, device=x.device) if n else []
     if parts:
         out = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
     else:

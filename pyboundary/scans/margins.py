@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils.batching import BackoffState, BatchPlan, map_with_backoff, plan_batch_size
+from .._utils.batching import BackoffState, BatchPlan, plan_batch_size
 from .._utils.memory import DEFAULT_PROBE_ROWS, format_bytes
 from .._utils.model import model_device
 from .._utils.results import Result
@@ -55,7 +55,8 @@ PANDAS_COLUMNS = ("sample", "subspace", "member", "margin", "raw_margin", "itera
                   "adv_label", "label", "prediction", "correct", "sample_key")
 
 #: engine arguments that margin_scan sets itself (not engine options)
-_OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "memory_budget", "p"}
+_OWN_ARGS = {"model", "x", "labels", "subspace", "subspace_index", "target", "batch_size", "memory_budget", "p",
+             "_calls"}
 _GROUPS = ("all", "correct", "wrong")
 
 
@@ -920,21 +921,19 @@ def _channels_last_copy(model, image_shape: tuple, dev, wanted: bool | None):
 
 def _run_pairs(model, src: _Source, family, batches, params, dev, st, acc, bar, layout, calls: BackoffState,
                workers) -> None:
-    """Engine calls of at most ``calls.batch_size`` pairs over each batch of mixed (sample,
-    member) pairs (measured against the memory budget, and halved on out-of-memory errors, by
-    :func:`~pyboundary._utils.batching.map_with_backoff`); each batch stored as it finishes."""
+    """One engine call per batch of mixed (sample, member) pairs, split by the engine into calls of
+    ``calls.batch_size`` pairs (each measured against the memory budget and halved on
+    out-of-memory errors; a lowered size stays lowered for the batches after); each batch stored
+    as it finishes."""
     deepfool = _engine()
     opts = {k: v for k, v in params.items() if k != "p"}
     feeder = BatchFeeder(src.data, batches, dev, workers=workers, layout=layout)
     for chunk, xb in feeder:
         si, sj = chunk[:, 0], chunk[:, 1]
-
-        def call(s: int, e: int, xb=xb, si=si, sj=sj):
-            res = deepfool(model, xb[s:e], p=params["p"], subspace=family, subspace_index=sj[s:e].to(dev),
-                           batch_size=e - s, memory_budget="off", **opts)
-            acc.add(si[s:e], sj[s:e], res)
-
-        map_with_backoff(call, int(chunk.shape[0]), calls, device=dev)
+        res = deepfool(model, xb, p=params["p"], subspace=family, subspace_index=sj.to(dev),
+                       batch_size=min(calls.batch_size, int(chunk.shape[0])), memory_budget="off",
+                       _calls=calls, **opts)
+        acc.add(si, sj, res)
         new_samples, new_keys = acc.add_keys(si, xb)
         if st is not None:
             samples = torch.unique(si)
