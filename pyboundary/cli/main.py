@@ -8,7 +8,8 @@
     pyboundary reproduce                 a published experiment, its report beside the paper's numbers
 
 Shared flags have one meaning everywhere (:mod:`pyboundary.cli.args`). Bad arguments print a
-message and exit with code 2.
+message and exit with code 2. Heavy commands run under tcmalloc when it is installed
+(:mod:`pyboundary.cli.allocator`; ``PYBOUNDARY_MALLOC=system`` keeps the system allocator).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, dynamics, geometry, reproduce, scan
+from . import allocator, compare, dynamics, geometry, reproduce, scan
 from .args import UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
         return int(exc.code or 0)
     try:
+        if argv is None:  # the program itself (not an in-process call): maybe run under tcmalloc
+            allocator.maybe_reexec(args.command)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)

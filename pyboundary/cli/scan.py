@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .allocator import ENV, allocator_in_use, find_tcmalloc
 from .args import (
     UsageError,
     add_deepfool_args,
@@ -30,7 +31,7 @@ __all__ = ["STORE_NAME", "register"]
 
 #: inputs of at least this many values per sample (224x224x3 is 150,528) make activations of tens
 #: of MiB, which glibc's malloc maps and unmaps on every use (benchmarks/README.md, "Margin scan
-#: at 224x224": tcmalloc ran such a scan 1.6x faster on CPU)
+#: at 224x224": tcmalloc ran such a scan 1.8x faster on CPU, see pyboundary.cli.allocator)
 LARGE_INPUT = 100_000
 
 #: pyboundary.scans.margins.RUN_STORE_NAME, spelled out so that the command line starts without
@@ -133,18 +134,21 @@ def _report(scan, out: Path) -> None:
     print("wrote " + ", ".join(str(p) for p in [out / STORE_NAME, out / "summary.txt", *paths]))
 
 
-def allocator_tip(image_shape, device_name: str, environ=os.environ, platform: str = sys.platform) -> str | None:
-    """A one-line tip for CPU scans of large inputs under glibc's malloc (None when it does not apply)."""
+def allocator_tip(image_shape, device_name: str, environ=os.environ, platform: str = sys.platform,
+                  exists=os.path.exists) -> str | None:
+    """A one-line tip for CPU scans of large inputs under glibc's malloc when tcmalloc is not
+    installed (None when it does not apply: see :mod:`pyboundary.cli.allocator`)."""
     if not platform.startswith("linux") or not str(device_name).startswith("cpu"):
         return None
     if math.prod(image_shape) < LARGE_INPUT:
         return None
-    preload = environ.get("LD_PRELOAD", "")
-    if "tcmalloc" in preload or "jemalloc" in preload:
+    if allocator_in_use(environ) != "system" or environ.get(ENV, "").strip().lower() == "system":
         return None
-    return ("tip: on CPU, inputs this large spend much time in glibc's malloc mapping memory; "
-            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian/Ubuntu package "
-            "libtcmalloc-minimal4) ran a 224x224 scan 1.6x faster (see pyboundary's benchmarks/README.md)")
+    if find_tcmalloc(exists) is not None:  # installed, but this process was not re-executed under it
+        return None
+    return ("tip: on CPU, inputs this large spend much time in glibc's malloc mapping memory; with "
+            "tcmalloc installed (Debian/Ubuntu package libtcmalloc-minimal4) pyboundary runs under it, "
+            "which made a 224x224 scan 1.8x faster (see pyboundary's benchmarks/README.md)")
 
 
 def cmd_scan(args) -> int:
@@ -156,7 +160,8 @@ def cmd_scan(args) -> int:
     scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
     if scan is not None:
         pairs = scan.n_samples * scan.n_subspaces
-        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s ({_peak_memory()})")
+        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s ({_peak_memory()}, "
+              f"malloc: {allocator_in_use()})")
         _report(scan, Path(args.out))
     return 0
 

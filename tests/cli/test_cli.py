@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,14 +178,79 @@ def test_tight_classes_flag(tmp_path, tiny_model, capsys):
     assert scan.tight and scan.meta["params"]["tight_classes"] == 1
 
 
-def test_allocator_tip_only_for_large_cpu_inputs_under_glibc(tmp_path, tiny_model, capsys):
+def test_allocator_tip_only_for_large_cpu_inputs_without_tcmalloc(tmp_path, tiny_model, capsys):
     from pyboundary.cli.scan import allocator_tip
 
-    assert "libtcmalloc" in allocator_tip((3, 224, 224), "cpu", environ={}, platform="linux")
-    assert allocator_tip((1, 28, 28), "cpu", environ={}, platform="linux") is None
-    assert allocator_tip((3, 224, 224), "cuda", environ={}, platform="linux") is None
-    assert allocator_tip((3, 224, 224), "cpu", environ={"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"},
-                         platform="linux") is None
-    assert allocator_tip((3, 224, 224), "cpu", environ={}, platform="darwin") is None
+    def missing(path):
+        return False
+
+    def tip(shape, device="cpu", environ=None, platform="linux", exists=missing):
+        return allocator_tip(shape, device, environ={} if environ is None else environ, platform=platform,
+                             exists=exists)
+
+    assert "libtcmalloc-minimal4" in tip((3, 224, 224))
+    assert tip((1, 28, 28)) is None
+    assert tip((3, 224, 224), device="cuda") is None
+    assert tip((3, 224, 224), environ={"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None
+    assert tip((3, 224, 224), environ={"PYBOUNDARY_MALLOC": "system"}) is None  # the user's choice
+    assert tip((3, 224, 224), platform="darwin") is None
+    assert tip((3, 224, 224), exists=lambda path: True) is None  # installed: the command uses it
     assert cli.main(_scan_args(tmp_path / "small", tiny_model)) == 0
     assert "tip:" not in capsys.readouterr().err  # 8x8 digits: no tip
+
+
+def test_heavy_commands_choose_tcmalloc_when_installed():
+    from pyboundary.cli import allocator
+
+    lib = allocator.CANDIDATES[0]
+
+    def only(path):
+        return lambda candidate: candidate == path
+
+    env = allocator.reexec_environment("scan", {"PATH": "/bin"}, platform="linux", exists=only(lib))
+    assert env["LD_PRELOAD"] == lib and env["PATH"] == "/bin" and env[allocator._MARKER] == "1"
+    kept = allocator.reexec_environment("detect", {"LD_PRELOAD": "/x/libfoo.so"}, platform="linux",
+                                        exists=only(lib))
+    assert kept["LD_PRELOAD"] == f"{lib} /x/libfoo.so"  # the user's preloads stay
+    for command, environ, platform, exists in [
+        ("show", {}, "linux", only(lib)),  # reads a store: nothing to gain
+        ("scan", {"PYBOUNDARY_MALLOC": "system"}, "linux", only(lib)),
+        ("scan", {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "linux", only(lib)),  # the user chose one
+        ("scan", {allocator._MARKER: "1"}, "linux", only(lib)),  # already re-executed once
+        ("scan", {}, "darwin", only(lib)),
+        ("scan", {}, "linux", only("/nowhere")),  # not installed
+    ]:
+        assert allocator.reexec_environment(command, environ, platform=platform, exists=exists) is None, command
+    with pytest.raises(ValueError, match="PYBOUNDARY_MALLOC must be"):
+        allocator.reexec_environment("scan", {"PYBOUNDARY_MALLOC": "glibc"}, platform="linux", exists=only(lib))
+    assert allocator.allocator_in_use({"LD_PRELOAD": f"{lib}"}) == "tcmalloc"
+    assert allocator.allocator_in_use({}) == "system"
+
+
+def test_an_in_process_call_is_never_re_executed(monkeypatch):
+    from pyboundary.cli import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(allocator, "reexec_environment", lambda command: {"LD_PRELOAD": "x"})
+    monkeypatch.setattr(allocator.sys, "argv", ["/usr/bin/pytest", "scan"])
+    allocator.maybe_reexec("scan")
+    assert calls == []  # a program calling pyboundary.cli.main in-process keeps running
+    monkeypatch.setattr(allocator.sys, "argv", ["/venv/bin/pyboundary", "scan", "--out", "d"])
+    allocator.maybe_reexec("scan")
+    assert calls and calls[0][1][1:] == ["-m", "pyboundary", "scan", "--out", "d"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux")
+@pytest.mark.parametrize("choice", ["tcmalloc", "system"])
+def test_the_scan_command_runs_under_the_chosen_allocator(tmp_path, tiny_model, choice):
+    from pyboundary.cli import allocator
+
+    if choice == "tcmalloc" and allocator.find_tcmalloc() is None:
+        pytest.skip("tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator._MARKER)}
+    env.update(PYBOUNDARY_MALLOC=choice, PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "pyboundary", *_scan_args(tmp_path / "run", tiny_model)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"malloc: {choice})" in done.stdout
