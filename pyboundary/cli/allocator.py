@@ -87,7 +87,10 @@ def maybe_reexec(command: str) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    # the interpreter's own command line (keeps options such as -u or -X), else the module form
+    orig = getattr(sys, "orig_argv", None)
+    args = orig[1:] if orig else ["-m", "pyboundary", *sys.argv[1:]]
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "pyboundary", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *args], env)
     except OSError:  # pragma: no cover - e.g. no permission to execute: run as is
         return

@@ -237,8 +237,14 @@ def test_an_in_process_call_is_never_re_executed(monkeypatch):
     allocator.maybe_reexec("scan")
     assert calls == []  # a program calling pyboundary.cli.main in-process keeps running
     monkeypatch.setattr(allocator.sys, "argv", ["/venv/bin/pyboundary", "scan", "--out", "d"])
+    monkeypatch.setattr(allocator.sys, "orig_argv", ["python", "-u", "/venv/bin/pyboundary", "scan", "--out", "d"],
+                        raising=False)
     allocator.maybe_reexec("scan")
-    assert calls and calls[0][1][1:] == ["-m", "pyboundary", "scan", "--out", "d"]
+    # the same interpreter options and program, under the new environment
+    assert calls and calls[0][1][1:] == ["-u", "/venv/bin/pyboundary", "scan", "--out", "d"]
+    monkeypatch.delattr(allocator.sys, "orig_argv", raising=False)  # Python 3.9: the module form
+    allocator.maybe_reexec("scan")
+    assert calls[1][1][1:] == ["-m", "pyboundary", "scan", "--out", "d"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux")
