@@ -302,11 +302,10 @@ def measure_peak(fn: Callable[[], object], device=None) -> int:
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
+        base = memory_in_use(dev)
+        start = start_peak_window(dev)
         fn()
-        torch.cuda.synchronize(dev)
-        return max(0, int(torch.cuda.max_memory_allocated(dev) - base))
+        return max(0, peak_since_window(start, dev) - base)
     _trim_heap()
     if not _reset_rss_peak():
         raise RuntimeError("measuring CPU memory needs Linux /proc/self/clear_refs")

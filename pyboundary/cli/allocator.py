@@ -25,7 +25,7 @@ import os
 import sys
 
 __all__ = ["CANDIDATES", "ENV", "HEAVY_COMMANDS", "allocator_in_use", "find_tcmalloc", "maybe_reexec",
-           "reexec_environment"]
+           "reexec_environment", "tcmalloc_missing"]
 
 #: the variable that chooses: unset/"tcmalloc" (use it when installed) or "system"
 ENV = "PYBOUNDARY_MALLOC"
@@ -56,14 +56,25 @@ def find_tcmalloc(exists=os.path.exists) -> str | None:
     return next((path for path in CANDIDATES if exists(path)), None)
 
 
-def reexec_environment(command: str, environ=os.environ, *, platform: str = sys.platform,
-                       exists=os.path.exists) -> dict | None:
-    """The environment to re-execute ``command`` with (tcmalloc preloaded), or None to run as is."""
+def _wants_tcmalloc(command: str, environ, platform: str) -> bool:
+    """Whether ``command`` should run under tcmalloc here (whether or not it is installed)."""
     choice = environ.get(ENV, "tcmalloc").strip().lower()
     if choice not in ("tcmalloc", "system"):
         raise ValueError(f"{ENV} must be 'tcmalloc' or 'system', got {environ.get(ENV)!r}")
-    if (choice == "system" or command not in HEAVY_COMMANDS or not platform.startswith("linux")
-            or environ.get(_MARKER) or allocator_in_use(environ) != "system"):
+    return (choice == "tcmalloc" and command in HEAVY_COMMANDS and platform.startswith("linux")
+            and not environ.get(_MARKER) and allocator_in_use(environ) == "system")
+
+
+def tcmalloc_missing(command: str, environ=os.environ, *, platform: str = sys.platform,
+                     exists=os.path.exists) -> bool:
+    """True when ``command`` would run under tcmalloc but no tcmalloc library is installed."""
+    return _wants_tcmalloc(command, environ, platform) and find_tcmalloc(exists) is None
+
+
+def reexec_environment(command: str, environ=os.environ, *, platform: str = sys.platform,
+                       exists=os.path.exists) -> dict | None:
+    """The environment to re-execute ``command`` with (tcmalloc preloaded), or None to run as is."""
+    if not _wants_tcmalloc(command, environ, platform):
         return None
     library = find_tcmalloc(exists)
     if library is None:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .allocator import ENV, allocator_in_use, find_tcmalloc
+from .allocator import allocator_in_use, tcmalloc_missing
 from .args import (
     UsageError,
     add_deepfool_args,
@@ -138,13 +138,10 @@ def allocator_tip(image_shape, device_name: str, environ=os.environ, platform: s
                   exists=os.path.exists) -> str | None:
     """A one-line tip for CPU scans of large inputs under glibc's malloc when tcmalloc is not
     installed (None when it does not apply: see :mod:`pyboundary.cli.allocator`)."""
-    if not platform.startswith("linux") or not str(device_name).startswith("cpu"):
+    if not str(device_name).startswith("cpu"):
         return None
-    if math.prod(image_shape) < LARGE_INPUT:
-        return None
-    if allocator_in_use(environ) != "system" or environ.get(ENV, "").strip().lower() == "system":
-        return None
-    if find_tcmalloc(exists) is not None:  # installed, but this process was not re-executed under it
+    if math.prod(image_shape) < LARGE_INPUT or not tcmalloc_missing("scan", environ, platform=platform,
+                                                                     exists=exists):
         return None
     return ("tip: on CPU, inputs this large spend much time in glibc's malloc mapping memory; with "
             "tcmalloc installed (Debian/Ubuntu package libtcmalloc-minimal4) pyboundary runs under it, "
