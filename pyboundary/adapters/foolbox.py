@@ -213,7 +213,8 @@ class L2MinimalAttack(_MinimalAttack):
             :data:`pyboundary.attacks.tight.TIGHT_STEPS`); one forward and one reverse row each.
         loss: 'logits' or 'crossentropy' (same attack).
         deepfool_kwargs: further options of :func:`pyboundary.deepfool` (not ``tight``), e.g.
-            ``{"tight_classes": 1}`` to search towards the next most likely class too.
+            ``{"tight_classes": 0}`` to skip the searches towards other classes (faster, a worse
+            tail).
     """
 
     distance = l2

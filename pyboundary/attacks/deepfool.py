@@ -96,7 +96,7 @@ from ._boundary import dual_norm as _dual_norm
 from ._boundary import norm as _norm
 from ._boundary import robust_score as _robust_score
 from ._boundary import score as _score
-from .tight import TIGHT_STEPS, tighten
+from .tight import TIGHT_CLASS_RATIO, TIGHT_CLASSES, TIGHT_STEPS, min_norm_point, tighten
 
 __all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
 
@@ -287,6 +287,7 @@ class _Ctx:
     whole_space: bool = True
     tight: bool = False
     tight_steps: int = 16
+    class_estimates: bool = False
     tight_forward: int = 0
     tight_backward: int = 0
     n_forward: int = 0
@@ -891,8 +892,11 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
                 margin = margin.index_copy(0, rows, _norm(p_rows, ctx.p))
         df_margin = margin
     steps = torch.zeros(n, dtype=torch.int64, device=x0.device)
+    extra = {}
     if ctx.tight:
         pert, margin = _tight(ctx, ch, ok.nonzero().squeeze(1), coords, pert, margin, steps)
+    if ctx.class_estimates:
+        extra = dict(_class_estimates=_class_estimates(ctx, ch, ok.nonzero().squeeze(1)), _classes=ch.cand)
     with torch.no_grad():
         inf = torch.full_like(margin, math.inf)
         margin = torch.where(ch.conv, margin, inf)
@@ -902,7 +906,36 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
     return dict(perturbation=pert, margin=margin, raw_margin=raw, iterations=ch.iters,
                 converged=ch.conv, orig_label=ch.ref, adv_label=adv, retries=ch.retries,
                 misclassified=ch.mis, sample_forward=ch.fwd, sample_gradients=ch.ngrad,
-                deepfool_margin=df_margin, tight_steps=steps)
+                deepfool_margin=df_margin, tight_steps=steps, **extra)
+
+
+def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
+    """Linearised distance at the clean input to each candidate class's boundary, for rows
+    (converged, correctly classified): the nearest point of f_c - f_ref >= 0 linearised at x0 (in
+    the coordinates of the member, inside the box with a clamp). (n, J) for the chunk's candidates
+    ch.cand, inf for other rows and for classes the box keeps out of reach. One forward and J
+    reverse rows per row, counted as tight passes."""
+    n, J = ch.cand.shape
+    est = torch.full((n, J), math.inf, dtype=ch.x0.dtype, device=ch.x0.device)
+    if rows.numel() == 0:
+        return est
+    f0, b0 = ctx.n_forward, ctx.n_backward
+    xa = ch.x0[rows].detach().requires_grad_(True)
+    gap = _candidate_gaps(ch, rows, _forward(ctx, xa, grad_rows=J))
+    g = _gradients(ctx, xa, gap, None)  # (J, r, ...)
+    ch.fwd[rows] += 1
+    ch.ngrad[rows] += J
+    with torch.no_grad():
+        lo = hi = None
+        if ctx.clamp is not None:
+            x0f = ch.x0[rows].reshape(rows.numel(), -1)
+            lo, hi = ctx.clamp[0] - x0f, ctx.clamp[1] - x0f
+        for j in range(J):
+            gc = ctx.space._analysis(g[j], ch.idx[rows])
+            _, est[rows, j] = min_norm_point(gc.unsqueeze(1), -gap[:, j:j + 1].detach(), lo, hi, ctx.p)
+    ctx.tight_forward += ctx.n_forward - f0
+    ctx.tight_backward += ctx.n_backward - b0
+    return est
 
 
 def _tight(ctx: _Ctx, ch: _Chunk, rows: Tensor, coords: Tensor, pert: Tensor, margin: Tensor,
@@ -971,7 +1004,7 @@ def deepfool(
     noise_scale: float = DEFAULT_NOISE_SCALE,
     tight: bool = False,
     tight_steps: int | None = None,
-    tight_classes: int = 0,
+    tight_classes: int | None = None,
     _calls: BackoffState | None = None,
 ) -> DeepFoolResult:
     """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
@@ -1018,12 +1051,18 @@ def deepfool(
             :data:`pyboundary.attacks.tight.TIGHT_STEPS`: 16 for p = 2, 20 for p = inf); one forward
             and one reverse row each, plus a few polish steps and the final bracketing.
         tight_classes: with ``tight`` and no ``target``: also run the targeted tight search
-            towards each sample's next ``tight_classes`` most likely other classes (by clean
-            logits; the reference class and the class the untargeted search ended at excluded)
-            and keep the nearest point per sample. The nearest boundary piece often belongs to a
-            class whose linearisation at x did not look nearest, and one walk cannot leave its
-            class's region; each class costs about one more tight run (see benchmarks/README.md,
-            "Tight margins"). 0: the untargeted search only.
+            towards up to ``tight_classes`` other classes per sample and keep the nearest point.
+            The classes are ranked by their linearised distance at the clean input (the
+            nearest point of f_c - f_ref >= 0 linearised at x, inside the box; the reference
+            class and the class the untargeted search ended at excluded), and only classes
+            within :data:`pyboundary.attacks.tight.TIGHT_CLASS_RATIO` (1.2) times the nearest
+            class's distance are searched: the nearest boundary piece often belongs to a class
+            other than the one the untargeted walk ends at, and one walk cannot leave its
+            class's region. Cost: one forward and ``candidates - 1`` reverse rows per sample for
+            the distances, plus one targeted tight run per class searched (0.6 per sample on
+            average on the reference LeNet; benchmarks/README.md, "Tight margins"). None: 2
+            (:data:`pyboundary.attacks.tight.TIGHT_CLASSES`) with ``tight``, else 0; 0: the
+            untargeted search only.
         _calls: internal (the margin scan): the :class:`~pyboundary._utils.batching.BackoffState`
             that sizes the calls, shared across calls so that a lowered size stays lowered.
     Returns:
@@ -1052,6 +1091,8 @@ def deepfool(
     if not isinstance(tight, bool):
         raise TypeError(f"tight must be a bool, got {tight!r}")
     tight_steps = check_int("tight_steps", TIGHT_STEPS[p] if tight_steps is None else tight_steps, minimum=1)
+    if tight_classes is None:
+        tight_classes = TIGHT_CLASSES if tight and target is None else 0
     tight_classes = check_int("tight_classes", tight_classes, minimum=0)
     if tight_classes and not tight:
         raise ValueError("tight_classes needs tight=True (it widens the tight search)")
@@ -1067,7 +1108,8 @@ def deepfool(
                refine=bool(refine), tol=float(tol), clamp=clamp, strategy=strategy, prune=prune,
                n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
                gen=make_generator(seed, x.device),
-               whole_space=whole_space, tight=bool(tight), tight_steps=tight_steps)
+               whole_space=whole_space, tight=bool(tight), tight_steps=tight_steps,
+               class_estimates=bool(tight_classes))
 
     def chunk(c: _Ctx, s: int, e: int) -> dict:
         return _run_chunk(c, x[s:e], idx[s:e], None if labels is None else labels[s:e],
@@ -1090,6 +1132,7 @@ def deepfool(
         out = dict(perturbation=torch.zeros_like(x), margin=f, raw_margin=f, iterations=z,
                    converged=z.bool(), orig_label=z, adv_label=z, retries=z, misclassified=z.bool(),
                    sample_forward=z, sample_gradients=z, deepfool_margin=f, tight_steps=z)
+    estimates, classes = out.pop("_class_estimates", None), out.pop("_classes", None)
     res = DeepFoolResult(**out, n_forward=ctx.n_forward, n_backward=ctx.n_backward, trace=ctx.trace,
                          prune_choices=ctx.prune_choices, prune_mismatch=ctx.prune_mismatch, p=p,
                          tight=bool(tight), tight_forward=ctx.tight_forward,
@@ -1103,9 +1146,9 @@ def deepfool(
                             refine=refine, tol=tol, clamp=clamp, batch_size=batch_size,
                             memory_budget=memory_budget, noise_retries=noise_retries, seed=seed,
                             grad_strategy=grad_strategy, prune=prune, noise_scale=noise_scale,
-                            tight=True, tight_steps=tight_steps)
+                            tight=True, tight_steps=tight_steps, tight_classes=0)
 
-        _tighten_towards_other_classes(res, model, x, tight_classes, targeted)
+        _tighten_towards_other_classes(res, estimates, classes, tight_classes, targeted)
     return res
 
 
@@ -1116,28 +1159,30 @@ def _probe_key(ctx: _Ctx, x: Tensor) -> tuple:
     space = ctx.space.spec_or_name() if hasattr(ctx.space, "spec_or_name") else type(ctx.space).__name__
     return (tuple(x.shape[1:]), x.dtype, str(x.device), space, id(ctx.space) if not ctx.whole_space else 0,
             ctx.p, ctx.clamp, ctx.strategy, ctx.prune, ctx.n_cand, ctx.refine, ctx.tight, ctx.tight_steps,
-            ctx.noise_retries)
+            ctx.class_estimates, ctx.noise_retries)
 
 
-def _tighten_towards_other_classes(res: DeepFoolResult, model: Callable, x: Tensor, k: int,
+def _tighten_towards_other_classes(res: DeepFoolResult, estimates: Tensor, classes: Tensor, k: int,
                                    targeted: Callable[[Tensor, Tensor], DeepFoolResult]) -> None:
-    """Update res in place with targeted tight searches towards each sample's next k classes.
+    """Update res in place with targeted tight searches towards up to k other classes per sample.
 
-    For the samples the untargeted search flipped (converged, not misclassified), the other classes
-    ranked by clean logit, without the reference class and the class already reached; for rank
-    j < k, ``targeted(rows, classes)`` runs on every sample that has a j-th such class, and a
-    nearer point replaces the sample's perturbation, margin and adversarial class. All its passes
-    count as tight passes (``tight_forward`` / ``tight_backward``, ``n_forward`` / ``n_backward``).
+    estimates: (N, J) linearised distances at the clean inputs to the boundaries of the candidate
+    classes classes (N, J) (:func:`_class_estimates`). For the samples the untargeted search
+    flipped (converged, not misclassified), the classes other than the one already reached whose
+    distance is at most TIGHT_CLASS_RATIO x the smallest one, nearest first; for rank j < k,
+    ``targeted(rows, classes)`` runs on every sample that has a j-th such class, and a nearer point
+    replaces the sample's perturbation, margin and adversarial class. All its passes count as tight
+    passes (``tight_forward`` / ``tight_backward``, ``n_forward`` / ``n_backward``).
     """
     rows = (res.converged & ~res.misclassified).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    with model_guard(model), torch.no_grad():
-        logits = torch.cat([forward_logits(model, x[r]).double() for r in rows.split(DEFAULT_BATCH_SIZE)])
-    logits.scatter_(1, res.orig_label[rows, None], -math.inf)
-    logits.scatter_(1, res.adv_label[rows, None], -math.inf)
-    ranked = logits.argsort(1, descending=True)
-    usable = torch.isfinite(logits.gather(1, ranked))
+    est, cls = estimates[rows], classes[rows]
+    nearest = est.min(1, keepdim=True).values
+    eligible = (cls != res.adv_label[rows, None]) & torch.isfinite(est) & (est <= TIGHT_CLASS_RATIO * nearest)
+    order = est.masked_fill(~eligible, math.inf).argsort(dim=1, stable=True)
+    ranked = cls.gather(1, order)
+    usable = eligible.gather(1, order)
     for j in range(min(k, ranked.shape[1])):
         have = usable[:, j]
         if not bool(have.any()):

@@ -110,10 +110,10 @@ def add_deepfool_args(p) -> None:
     p.add_argument("--tight", action="store_true",
                    help="tight margins: search from DeepFool's point for the nearest boundary point "
                         "(~3x DeepFool's cost; stored as a scan parameter)")
-    p.add_argument("--tight-classes", type=nonnegative_int, default=0, metavar="N",
-                   help="with --tight: also search towards each sample's next N most likely classes "
-                        "and keep the nearest point (~N more tight runs; 1 is the accurate choice, "
-                        "default 0)")
+    p.add_argument("--tight-classes", type=nonnegative_int, default=None, metavar="N",
+                   help="with --tight: also search towards up to N other classes per sample, those "
+                        "whose linearised distance at the input is within 1.2x the nearest, and keep "
+                        "the nearest point (default 2; 0: the untargeted search only, faster)")
 
 
 def deepfool_kwargs(args) -> dict:
@@ -121,12 +121,12 @@ def deepfool_kwargs(args) -> dict:
     if not args.overshoot >= 0 or not math.isfinite(args.overshoot):
         raise UsageError(f"--overshoot must be a finite number >= 0, got {args.overshoot}")
     out = {"candidates": args.candidates, "max_iter": args.max_iter, "overshoot": args.overshoot}
-    tight_classes = getattr(args, "tight_classes", 0)
-    if tight_classes and not getattr(args, "tight", False):
+    tight_classes = getattr(args, "tight_classes", None)
+    if tight_classes is not None and not getattr(args, "tight", False):
         raise UsageError("--tight-classes needs --tight")
     if getattr(args, "tight", False):
         out["tight"] = True
-        if tight_classes:
+        if tight_classes is not None:
             out["tight_classes"] = tight_classes
     return out
 

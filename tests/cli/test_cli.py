@@ -176,6 +176,12 @@ def test_tight_classes_flag(tmp_path, tiny_model, capsys):
     assert cli.main(_scan_args(out, tiny_model, "--tight", "--tight-classes", "1")) == 0
     scan = MarginScan.load(out)
     assert scan.tight and scan.meta["params"]["tight_classes"] == 1
+    # the engine's default is stored as the number it means, so a later default cannot mix runs
+    out = tmp_path / "default"
+    assert cli.main(_scan_args(out, tiny_model, "--tight")) == 0
+    assert MarginScan.load(out).meta["params"]["tight_classes"] == 2
+    assert cli.main(_scan_args(out, tiny_model, "--resume", "--tight", "--tight-classes", "0")) == 2
+    assert cli.main(_scan_args(out, tiny_model, "--resume", "--tight", "--tight-classes", "2")) == 0
 
 
 def test_allocator_tip_only_for_large_cpu_inputs_without_tcmalloc(tmp_path, tiny_model, capsys):

@@ -328,5 +328,6 @@ def test_tight_scan_never_above_plain_and_exact_on_affine():
                        deepfool_kwargs={"tight": True, "tol": 1e-10})
     torch.testing.assert_close(scan.margins, _affine_margins(model, x, fam), rtol=1e-8, atol=0)
     assert scan.tight and scan.meta["params"]["tight"] is True and scan.meta["params"]["tight_steps"] is None
+    assert scan.meta["params"]["tight_classes"] == 2  # the engine's default, stored as its value
     assert scan.format_summary().startswith("tight L2 margins")
     assert not margin_scan(model, x, fam, batch_size=10, progress=False).tight
