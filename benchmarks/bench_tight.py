@@ -9,8 +9,8 @@ Model: ``reference_model('lenet', 'fashion-mnist')``; inputs: the first ``--n`` 
 classified images of a seeded subset of the split, in [0, 1]; every method keeps its points in the
 box [0, 1]. Methods (all batches of ``--batch-size``):
 
-* ``deepfool``: pyboundary plain DeepFool (refined), ``deepfool-tight``: the tight mode,
-  ``deepfool-tight-classes-1`` / ``-2``: the tight mode with ``tight_classes=1`` / ``2``;
+* ``deepfool``: pyboundary plain DeepFool (refined), ``deepfool-tight``: the tight mode with its
+  defaults (``tight_classes=2``), ``deepfool-tight-classes-0`` / ``-1``: with ``tight_classes=0`` / ``1``;
 * adv-lib ``sdf`` (SuperDeepFool, L2 only, its defaults), ``ddn`` (1000 steps, no quantisation,
   L2 only), ``fmn`` cold and warm-started from pyboundary's DeepFool point, 100 and 1000 steps.
 
@@ -90,7 +90,7 @@ def methods(counted, x, labels, p, bs, which):
     box = (0.0, 1.0)
     out = {}
 
-    def ours(tight, tight_classes=0):
+    def ours(tight, tight_classes=None):
         def run():
             r = pyboundary.deepfool(counted, x, labels=labels, p=p, clamp=box, batch_size=bs,
                                     **({"tight": True, "tight_classes": tight_classes} if tight else {}))
@@ -98,9 +98,9 @@ def methods(counted, x, labels, p, bs, which):
         return run
 
     out["deepfool"] = ours(False)
-    out["deepfool-tight"] = ours(True)
+    out["deepfool-tight"] = ours(True)  # the default: tight_classes=2, screened
+    out["deepfool-tight-classes-0"] = ours(True, 0)
     out["deepfool-tight-classes-1"] = ours(True, 1)
-    out["deepfool-tight-classes-2"] = ours(True, 2)
     def warm():  # the warm start is part of the method: timed and counted with it
         r = pyboundary.deepfool(counted, x, labels=labels, p=p, clamp=box, batch_size=bs)
         return (x + r.perturbation).clamp(*box)

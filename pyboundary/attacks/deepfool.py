@@ -74,7 +74,7 @@ from torch import Tensor
 
 from .. import ops
 from .._utils.batching import DEFAULT_BATCH_SIZE, BackoffState, map_with_backoff, plan_batch_size
-from .._utils.model import check_logits, explain_dtype_errors, forward_logits, model_guard
+from .._utils.model import check_logits, explain_dtype_errors, model_guard
 from .._utils.results import Result
 from .._utils.rng import make_generator
 from .._utils.stats import summarize
