@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_tight import load_problem  # noqa: E402
+from bench_tight import load_problem
 
-import pyboundary  # noqa: E402
-from pyboundary.attacks.tight import min_norm_point  # noqa: E402
+import pyboundary
+from pyboundary.attacks.tight import min_norm_point
 
 BOX = (0.0, 1.0)
 
@@ -65,7 +65,7 @@ def main(argv=None):
     model, x, labels = load_problem(args.split, args.n)
     best = torch.load(os.path.join(args.cache, f"best-lenet-{args.split}-n{args.n}-p{tag}.pt"),
                       weights_only=True)["best"].double()
-    kw = dict(p=p, clamp=BOX, batch_size=100, tight=True)
+    kw = {"p": p, "clamp": BOX, "batch_size": 100, "tight": True}
     base = pyboundary.deepfool(model, x, labels=labels, tight_classes=0, **kw)
     m0, adv = base.margin.double(), base.adv_label
     n = x.shape[0]

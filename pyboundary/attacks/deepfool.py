@@ -914,15 +914,21 @@ def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
     (converged, correctly classified): the nearest point of f_c - f_ref >= 0 linearised at x0 (in
     the coordinates of the member, inside the box with a clamp). (n, J) for the chunk's candidates
     ch.cand, inf for other rows and for classes the box keeps out of reach. One forward and J
-    reverse rows per row, counted as tight passes."""
+    reverse rows per distinct input (rows sharing an input, e.g. one image x many subspaces,
+    share them), counted as tight passes."""
     n, J = ch.cand.shape
     est = torch.full((n, J), math.inf, dtype=ch.x0.dtype, device=ch.x0.device)
     if rows.numel() == 0:
         return est
     f0, b0 = ctx.n_forward, ctx.n_backward
-    xa = ch.x0[rows].detach().requires_grad_(True)
-    gap = _candidate_gaps(ch, rows, _forward(ctx, xa, grad_rows=J))
-    g = _gradients(ctx, xa, gap, None)  # (J, r, ...)
+    groups = _duplicate_groups(ch, rows)
+    src = rows if groups is None else rows[groups[0]]
+    xa = ch.x0[src].detach().requires_grad_(True)
+    gap = _candidate_gaps(ch, src, _forward(ctx, xa, grad_rows=J))
+    g = _gradients(ctx, xa, gap, None)  # (J, distinct inputs, ...)
+    gap = gap.detach()
+    if groups is not None:
+        g, gap = g[:, groups[1]], gap[groups[1]]
     ch.fwd[rows] += 1
     ch.ngrad[rows] += J
     with torch.no_grad():
@@ -932,7 +938,7 @@ def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
             lo, hi = ctx.clamp[0] - x0f, ctx.clamp[1] - x0f
         for j in range(J):
             gc = ctx.space._analysis(g[j], ch.idx[rows])
-            _, est[rows, j] = min_norm_point(gc.unsqueeze(1), -gap[:, j:j + 1].detach(), lo, hi, ctx.p)
+            _, est[rows, j] = min_norm_point(gc.unsqueeze(1), -gap[:, j:j + 1], lo, hi, ctx.p)
     ctx.tight_forward += ctx.n_forward - f0
     ctx.tight_backward += ctx.n_backward - b0
     return est

@@ -452,3 +452,18 @@ def test_tight_classes_refusals(cnn64):
         deepfool(model, x[:2], tight=True, tight_classes=1, target=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="tight_classes"):
         deepfool(model, x[:2], tight=True, tight_classes=-1)
+
+
+def test_class_distances_shared_by_rows_of_one_input(cnn64):
+    """The linearised class distances of the tight_classes screening are computed once per
+    distinct input (one image x many subspaces, as in a scan), with the results of rows alone."""
+    model, x = cnn64
+    space = RandomSubspaces((1, 8, 8), dim=16, n=4, seed=0)
+    xs, idx = x[:6].repeat_interleave(4, dim=0), torch.arange(24) % 4
+    kw = dict(subspace=space, subspace_index=idx, tight=True, max_iter=100)
+    shared = deepfool(model, xs, batch_size=24, **kw)
+    alone = deepfool(model, xs, batch_size=1, **kw)
+    torch.testing.assert_close(shared.margin, alone.margin, rtol=1e-6, atol=0)
+    assert torch.equal(shared.adv_label, alone.adv_label)
+    # the engine's first step and the distances: one forward of the 6 images each, 9 classes
+    assert shared.trace.count((6, 9)) == 2 and (24, 9) not in shared.trace
