@@ -926,9 +926,7 @@ def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
     xa = ch.x0[src].detach().requires_grad_(True)
     gap = _candidate_gaps(ch, src, _forward(ctx, xa, grad_rows=J))
     g = _gradients(ctx, xa, gap, None)  # (J, distinct inputs, ...)
-    gap = gap.detach()
-    if groups is not None:
-        g, gap = g[:, groups[1]], gap[groups[1]]
+    gap = gap.detach() if groups is None else gap.detach()[groups[1]]
     ch.fwd[rows] += 1
     ch.ngrad[rows] += J
     with torch.no_grad():
@@ -937,7 +935,7 @@ def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
             x0f = ch.x0[rows].reshape(rows.numel(), -1)
             lo, hi = ctx.clamp[0] - x0f, ctx.clamp[1] - x0f
         for j in range(J):
-            gc = ctx.space._analysis(g[j], ch.idx[rows])
+            gc = ctx.space._analysis(g[j] if groups is None else g[j][groups[1]], ch.idx[rows])
             _, est[rows, j] = min_norm_point(gc.unsqueeze(1), -gap[:, j:j + 1], lo, hi, ctx.p)
     ctx.tight_forward += ctx.n_forward - f0
     ctx.tight_backward += ctx.n_backward - b0
