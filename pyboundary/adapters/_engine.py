@@ -18,7 +18,7 @@ from .._utils.model import forward_logits, model_guard
 from .._utils.validation import check_int, check_number
 from ..attacks.deepfool import deepfool
 
-__all__ = ["engine_options", "adversarial_points", "ALL_CLASSES"]
+__all__ = ["engine_options", "adversarial_points", "check_in_box", "OutOfBoundsError", "ALL_CLASSES"]
 
 #: ``candidates=None`` (all classes) is passed to the engine as this count (it takes min(count, L)).
 ALL_CLASSES = sys.maxsize
@@ -64,12 +64,18 @@ def engine_options(*, steps, candidates, overshoot, deepfool_kwargs, engine: Cal
                 overshoot=overshoot)
 
 
+class OutOfBoundsError(ValueError, AssertionError):
+    """Inputs outside an attack's box: a ValueError, and also an AssertionError, which is what
+    foolbox's own attacks raise for inputs outside the model's bounds (their ``run`` asserts the
+    bounds), so code written against the peer library catches it too."""
+
+
 def check_in_box(x: Tensor, clamp: tuple, what: str) -> None:
-    """ValueError when x has values outside the box clamp = (lo, hi), naming ``what``."""
+    """OutOfBoundsError (a ValueError) when x has values outside the box clamp = (lo, hi), naming ``what``."""
     lo, hi = clamp
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-        raise ValueError(f"inputs must lie within {what} [{lo:g}, {hi:g}], got values in "
-                         f"[{float(x.min()):g}, {float(x.max()):g}]")
+        raise OutOfBoundsError(f"inputs must lie within {what} [{lo:g}, {hi:g}], got values in "
+                               f"[{float(x.min()):g}, {float(x.max()):g}]")
 
 
 def adversarial_points(model: Callable, x: Tensor, *, p, labels: Tensor | None = None,

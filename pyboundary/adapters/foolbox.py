@@ -24,11 +24,20 @@ foolbox's own attacks. Their ``run`` calls :func:`pyboundary.deepfool` once on t
   classes), ``overshoot`` (applied to the total perturbation, as in foolbox), ``loss``;
   other engine options through ``deepfool_kwargs`` (e.g. ``{"refine": False}``, ``{"batch_size": 256}``).
 
+As in foolbox, the attributes (``steps``, ``candidates``, ``overshoot``, ``loss``,
+``deepfool_kwargs``) are read when the attack runs, so changing them on an attack takes effect;
+``loss`` is checked when the attack runs (foolbox accepts any value at construction and raises
+``ValueError('expected loss to be ...')`` from ``run``), the other options at construction and
+again at each run. Inputs outside the model's bounds raise a ValueError that is also an
+AssertionError (foolbox asserts the bounds); an unsupported criterion raises a TypeError that is
+also a ValueError (foolbox's attacks raise ValueError for it).
+
 Differences from foolbox's own DeepFool, on purpose: the returned point is refined onto the
 boundary (the engine's ``refine=True``; pass ``deepfool_kwargs={"refine": False}`` for the plain
-overshoot point), so perturbations are the engine's margins; targeted criteria are supported
-(foolbox's DeepFool refuses them); inputs the engine cannot flip within ``steps`` come back
-unchanged (foolbox returns its last iterate; both are reported as failures by ``success``).
+overshoot point), so perturbations are the engine's margins; targeted criteria are attacked
+towards their target classes (foolbox's DeepFool pushes away from the top class whatever the
+criterion, which only decides when to stop); inputs the engine cannot flip within ``steps`` come
+back unchanged (foolbox returns its last iterate; both are reported as failures by ``success``).
 ``loss='logits'`` and ``'crossentropy'`` give the same attack: foolbox's cross-entropy gap
 log_softmax_k - log_softmax_0 equals the logit gap f_k - f_0, so the engine uses the logit gap
 for both. ``early_stop`` is accepted and ignored (a minimisation attack searches the smallest
@@ -68,6 +77,11 @@ __all__ = ["L2DeepFoolAttack", "LinfDeepFoolAttack", "L2MinimalAttack", "LinfMin
 _LOSSES = ("logits", "crossentropy")
 
 
+class UnsupportedCriterionError(TypeError, ValueError):
+    """A criterion other than Misclassification / TargetedMisclassification: a TypeError, and also
+    a ValueError, which is what foolbox's own attacks raise for a criterion they do not support."""
+
+
 class _EngineAttack(MinimizationAttack):
     """A foolbox minimisation attack whose ``run`` is one call of pyboundary's engine.
 
@@ -81,17 +95,24 @@ class _EngineAttack(MinimizationAttack):
 
     def __init__(self, *, steps: int = 50, candidates: Optional[int] = 10, overshoot: float = 0.02,
                  loss: str = "logits", deepfool_kwargs: Optional[dict] = None):
-        if loss not in _LOSSES:
-            raise ValueError(f"expected loss to be 'logits' or 'crossentropy', got {loss!r}")
-        # checked now, so a bad option fails at construction, not at the first call
-        self._options = engine_options(steps=steps, candidates=candidates, overshoot=overshoot,
-                                       deepfool_kwargs=deepfool_kwargs, engine=self._engine)
-        self._options.update(self._engine_mode)
         self.steps = steps
         self.candidates = candidates
         self.overshoot = overshoot
-        self.loss = loss
+        self.loss = loss  # checked by run, as foolbox does (its tests construct with a bad loss)
+        self.deepfool_kwargs = deepfool_kwargs
+        self._engine_options()  # checked now, so a bad option fails at construction
         self.deepfool_kwargs = dict(deepfool_kwargs or {})
+
+    def _extra_options(self) -> Optional[dict]:
+        """The engine options beyond foolbox's arguments (``deepfool_kwargs`` and mode additions)."""
+        return self.deepfool_kwargs
+
+    def _engine_options(self) -> dict:
+        """The engine's keyword options from the attack's current attributes (validated)."""
+        options = engine_options(steps=self.steps, candidates=self.candidates, overshoot=self.overshoot,
+                                 deepfool_kwargs=self._extra_options(), engine=self._engine)
+        options.update(self._engine_mode)
+        return options
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in
@@ -109,8 +130,15 @@ class _EngineAttack(MinimizationAttack):
             criterion: ``Misclassification(labels)``, ``TargetedMisclassification(targets)`` or
                 a labels tensor (N,).
             early_stop: ignored (see the module docstring).
+        Raises:
+            ValueError: ``loss`` is not 'logits' or 'crossentropy' (foolbox's message), or the
+                inputs are outside the model's bounds (also an AssertionError, as in foolbox).
+            UnsupportedCriterionError: another criterion (a TypeError and a ValueError).
         """
         raise_if_kwargs(kwargs)
+        if self.loss not in _LOSSES:
+            raise ValueError(f"expected loss to be 'logits' or 'crossentropy', got {self.loss!r}")
+        options = self._engine_options()
         x, restore_type = ep.astensor_(inputs)
         del inputs, kwargs
         if not isinstance(x, ep.PyTorchTensor):
@@ -120,7 +148,7 @@ class _EngineAttack(MinimizationAttack):
         check_in_box(x.raw, clamp, "the model's bounds")
         labels, target = _criterion_classes(get_criterion(criterion), x.raw)
         adv, _ = adversarial_points(_TorchModel(model), x.raw, p=self._p, labels=labels, target=target,
-                                 clamp=clamp, options=self._options, engine=self._engine)
+                                    clamp=clamp, options=options, engine=self._engine)
         return restore_type(ep.astensor(adv))
 
 
@@ -141,8 +169,9 @@ def _criterion_classes(criterion, x: torch.Tensor):
         return _classes(criterion.labels, "Misclassification labels", x), None
     if isinstance(criterion, TargetedMisclassification):
         return None, _classes(criterion.target_classes, "TargetedMisclassification target_classes", x)
-    raise TypeError("pyboundary's foolbox attacks support the Misclassification and "
-                    f"TargetedMisclassification criteria (or a labels tensor), got {criterion!r}")
+    raise UnsupportedCriterionError("pyboundary's foolbox attacks support the Misclassification and "
+                                    "TargetedMisclassification criteria (or a labels tensor), "
+                                    f"got {criterion!r}")
 
 
 def _classes(t, what: str, x: torch.Tensor) -> torch.Tensor:
@@ -191,14 +220,17 @@ class _MinimalAttack(_EngineAttack):
         if "tight" in extra:
             raise TypeError("deepfool_kwargs: 'tight' is set by the attack itself (a minimal attack "
                             "always runs the tight mode; use L2DeepFoolAttack for plain DeepFool)")
-        if tight_steps is not None:
-            check_int("tight_steps", tight_steps, minimum=1)
-            if "tight_steps" in extra:
-                raise TypeError("tight_steps given twice (argument and deepfool_kwargs)")
-            extra["tight_steps"] = tight_steps
+        if tight_steps is not None and "tight_steps" in extra:
+            raise TypeError("tight_steps given twice (argument and deepfool_kwargs)")
+        self.tight_steps = tight_steps
         super().__init__(steps=steps, candidates=candidates, overshoot=overshoot, loss=loss,
                          deepfool_kwargs=extra)
-        self.tight_steps = tight_steps
+
+    def _extra_options(self) -> dict:
+        if self.tight_steps is None:
+            return self.deepfool_kwargs
+        check_int("tight_steps", self.tight_steps, minimum=1)
+        return {**self.deepfool_kwargs, "tight_steps": self.tight_steps}
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", tight_steps={self.tight_steps!r})"

@@ -18,7 +18,9 @@ normalisation and training mode are the base class's), the box ``clamp=(0, 1)`` 
 as reference classes (images the model already misclassifies come back unchanged, as in
 torchattacks). The returned point is refined onto the boundary (the engine's ``refine=True``;
 ``deepfool_kwargs={"refine": False}`` returns the overshoot point instead); images not flipped
-within ``steps`` come back unchanged.
+within ``steps`` come back unchanged. As in torchattacks, the attributes (``steps``,
+``overshoot``, ``p``, ``candidates``, ``deepfool_kwargs``) are read at each call, so changing them on
+an attack takes effect (they are checked at construction and again at each call).
 
 torchattacks is optional: importing this module without it raises an ImportError saying what to
 install. Install it with ``pip install --no-deps torchattacks`` (its declared dependencies would
@@ -67,14 +69,19 @@ class DeepFool(Attack):
     def __init__(self, model, steps: int = 50, overshoot: float = 0.02, *, p=2,
                  candidates: Optional[int] = None, deepfool_kwargs: Optional[dict] = None):
         super().__init__("DeepFool", model)
-        self._options = engine_options(steps=steps, candidates=candidates, overshoot=overshoot,
-                                       deepfool_kwargs=deepfool_kwargs, engine=deepfool)
         self.steps = steps
         self.overshoot = overshoot
         self.p = check_p(p)
         self.candidates = candidates
+        self.deepfool_kwargs = deepfool_kwargs
+        self._engine_options()  # checked now, so a bad option fails at construction
         self.deepfool_kwargs = dict(deepfool_kwargs or {})
         self.supported_mode = ["default", "targeted"]
+
+    def _engine_options(self) -> dict:
+        """The engine's keyword options from the attack's current attributes (validated)."""
+        return engine_options(steps=self.steps, candidates=self.candidates, overshoot=self.overshoot,
+                              deepfool_kwargs=self.deepfool_kwargs, engine=deepfool)
 
     def forward(self, images, labels=None):
         """Adversarial images (N, C, H, W) for images in [0, 1]; see the class docstring."""
@@ -83,6 +90,8 @@ class DeepFool(Attack):
 
     def forward_return_target_labels(self, images, labels=None):
         """(adversarial images, the class at each of them), as torchattacks' DeepFool returns."""
+        options = self._engine_options()
+        p = check_p(self.p)
         images = images.detach()
         if self.device is not None:
             images = images.to(self.device)
@@ -93,5 +102,5 @@ class DeepFool(Attack):
         if self.targeted:
             target = self.get_target_label(images, labels).to(images.device).long()
             labels = None
-        return adversarial_points(self.get_logits, images, p=self.p, labels=labels, target=target,
-                                  clamp=_BOX, options=self._options, engine=deepfool)
+        return adversarial_points(self.get_logits, images, p=p, labels=labels, target=target,
+                                  clamp=_BOX, options=options, engine=deepfool)

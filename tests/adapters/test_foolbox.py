@@ -155,8 +155,9 @@ def test_bounds_through_the_box():
 
 def test_refusals(setup):
     net, normalised, fmodel, x, y = setup
-    with pytest.raises(ValueError, match="loss"):
-        pbfb.L2DeepFoolAttack(loss="hinge")
+    bad_loss = pbfb.L2DeepFoolAttack(loss="hinge")  # accepted here and refused by run, as in foolbox
+    with pytest.raises(ValueError, match="expected loss to be 'logits' or 'crossentropy', got 'hinge'"):
+        bad_loss(fmodel, x, y, epsilons=None)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         pbfb.L2DeepFoolAttack(steps=0)
     with pytest.raises(TypeError, match="steps must be an int"):
