@@ -109,7 +109,7 @@ def add_deepfool_args(p) -> None:
     p.add_argument("--overshoot", type=float, default=0.02, help="DeepFool overshoot (default 0.02)")
     p.add_argument("--tight", action="store_true",
                    help="tight margins: search from DeepFool's point for the nearest boundary point "
-                        "(~3x DeepFool's cost; stored as a scan parameter)")
+                        "(~3-4x DeepFool's cost with its default --tight-classes; stored as a scan parameter)")
     p.add_argument("--tight-classes", type=nonnegative_int, default=None, metavar="N",
                    help="with --tight: also search towards up to N other classes per sample, those "
                         "whose linearised distance at the input is within 1.2x the nearest, and keep "
