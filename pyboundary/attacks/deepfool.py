@@ -114,7 +114,9 @@ FIRST_PRUNE_FACTOR = 3.0
 #: if its gradient norm would need to be at most this factor above the larger known one for it
 #: to win. Measured on train splits (500 inputs each; benchmarks/README.md): reference CNN, the
 #: winner never needed more than 1.53 (kept 5.87 -> 4.68 per input at 2, 5.74 at 2.5); reference
-#: MLP, 2 added 7 changed choices to the gap rule's 4 in 866, 2.5 added none.
+#: MLP, 2 added 7 changed choices to the gap rule's 4 in 866, 2.5 added none. With a clamp, d_0 and
+#: d_1 (and d_0 of the later stage) are the box-aware distances (:func:`_box_distances`), never
+#: below |gap| / norm, so the bounds rest on the same norm assumption in the box.
 SECOND_STAGE_FACTOR = 2.5
 #: Later iterations (gradient norms known from the previous one), once the candidate with the
 #: smallest estimate is differentiated (exact distance d_0, its norm drift rho_0 = now / last):
@@ -540,10 +542,8 @@ def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tenso
     # rows in their first iteration (no gradient norm known yet): second-stage pruning after slot 1
     first = (torch.ones(n, dtype=torch.bool, device=gap.device) if ch.gnorm is None
              else ~torch.isfinite(ch.gnorm[ar]).any(1))
-    # (not with the box-aware L-inf steps: their choice is not the argmin of |gap| / ||g||_1)
-    staged = not (ctx.clamp is not None and math.isinf(ctx.p))
-    second_stage = staged and ctx.whole_space and Jp > 2 and bool(first.any())
-    later_stage = staged and Jp > 1 and not bool(first.all())
+    second_stage = ctx.whole_space and Jp > 2 and bool(first.any())
+    later_stage = Jp > 1 and not bool(first.all())
     last = None if not later_stage else ch.gnorm[ar].gather(1, slots)
     mask = mask.clone()
     for j in range(Jp):
@@ -563,13 +563,17 @@ def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tenso
         g[cur, j] = gj[rows_cur]
         if stage and n_more > 0:
             with torch.no_grad():
+                gap_abs = gap.detach().abs()
                 if j == 1:  # first iteration (whole space): slots 0 and 1 known
-                    nrm = _dual_norm(g[:, :2].reshape(n, 2, -1), ctx.p)
-                    new = _second_stage_mask(gap.detach().abs(), nrm, mask)
+                    g01 = g[:, :2].reshape(n, 2, -1)
+                    dist = None if ctx.clamp is None else _box_distances(ctx, ch, ar, g01, gap_abs[:, :2])
+                    new = _second_stage_mask(gap_abs, _dual_norm(g01, ctx.p), mask, dist)
                     mask = torch.where(first.unsqueeze(1), new, mask)
                 else:  # later iterations: slot 0 known
-                    now = _dual_norm(ctx.space._analysis(g[:, 0], ch.idx[ar]), ctx.p)
-                    new = _later_stage_mask(gap.detach().abs(), now, last, mask)
+                    g0 = ctx.space._analysis(g[:, 0], ch.idx[ar])
+                    dist = (None if ctx.clamp is None else
+                            _box_distances(ctx, ch, ar, g0.unsqueeze(1), gap_abs[:, :1]).squeeze(1))
+                    new = _later_stage_mask(gap_abs, _dual_norm(g0, ctx.p), last, mask, dist)
                     mask = torch.where(first.unsqueeze(1), mask, new)
             more = mask[cur, j + 1]
             n_more = int(more.sum())
@@ -585,29 +589,35 @@ def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tenso
     return g, mask
 
 
-def _second_stage_mask(gap_abs: Tensor, norms01: Tensor, mask: Tensor) -> Tensor:
+def _second_stage_mask(gap_abs: Tensor, norms01: Tensor, mask: Tensor, dist01: Tensor | None = None) -> Tensor:
     """First-iteration pruning once slots 0 and 1 (the two smallest gaps) are differentiated:
     keep a further slot only if |gap| <= SECOND_STAGE_FACTOR * max(n_0, n_1) * min(d_0, d_1).
 
     gap_abs: (n, J') |gaps| in slot order; norms01: (n, 2) dual norms of slots 0 and 1; mask:
-    (n, J') kept slots. Returns the new mask (slots 0 and 1 unchanged)."""
+    (n, J') kept slots; dist01: (n, 2) the distances d_0, d_1 when they are not |gap| / norm
+    (with a clamp: the box-aware distances of :func:`_box_distances`, which are never smaller, so
+    a candidate that wins has |gap| / its norm <= its box distance <= min(d_0, d_1)). Returns the
+    new mask (slots 0 and 1 unchanged)."""
     tiny = torch.finfo(gap_abs.dtype).tiny
-    d = (gap_abs[:, :2] / norms01.clamp_min(tiny)).masked_fill(~mask[:, :2], math.inf)
+    d = gap_abs[:, :2] / norms01.clamp_min(tiny) if dist01 is None else dist01
+    d = d.masked_fill(~mask[:, :2], math.inf)
     bound = SECOND_STAGE_FACTOR * norms01.masked_fill(~mask[:, :2], 0).amax(1) * d.amin(1)
     keep = gap_abs <= bound.unsqueeze(1)
     keep[:, :2] = True
     return mask & keep
 
 
-def _later_stage_mask(gap_abs: Tensor, now0: Tensor, last: Tensor, mask: Tensor) -> Tensor:
+def _later_stage_mask(gap_abs: Tensor, now0: Tensor, last: Tensor, mask: Tensor,
+                      dist0: Tensor | None = None) -> Tensor:
     """Later-iteration pruning once slot 0 (the smallest estimate) is differentiated: keep a
     further slot c only if |gap_c| <= LATER_STAGE_FACTOR * d_0 * rho_0 * last_c.
 
     gap_abs: (n, J') |gaps| in slot order; now0: (n,) slot 0's dual norm now; last: (n, J') the
-    last known dual norms in slot order (inf where unknown: kept); mask: (n, J'). Returns the new
-    mask (slot 0 unchanged)."""
+    last known dual norms in slot order (inf where unknown: kept); mask: (n, J'); dist0: (n,) d_0
+    when it is not |gap_0| / now0 (with a clamp: slot 0's box-aware distance, see
+    :func:`_second_stage_mask`). Returns the new mask (slot 0 unchanged)."""
     tiny = torch.finfo(gap_abs.dtype).tiny
-    d0 = gap_abs[:, 0] / now0.clamp_min(tiny)
+    d0 = gap_abs[:, 0] / now0.clamp_min(tiny) if dist0 is None else dist0
     rho0 = now0 / last[:, 0].clamp_min(tiny)
     keep = gap_abs <= (LATER_STAGE_FACTOR * d0 * rho0).unsqueeze(1) * last
     keep |= ~torch.isfinite(last)
@@ -647,8 +657,9 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
         gap = gap - push * logits.abs().amax(1, keepdim=True)
         box = ctx.clamp is not None
         audit = keep is not None and ctx.prune == "audit"
-        if audit and keep.shape[1] > 1 and not box:
-            keep = _audit_stages(ctx, gap, _dual_norm(gc, ctx.p), keep, first_rows, last_norms)
+        if audit and keep.shape[1] > 1:
+            dist = None if not box else _box_distances(ctx, ch, ar, gc, gap.abs())
+            keep = _audit_stages(ctx, gap, _dual_norm(gc, ctx.p), keep, first_rows, last_norms, dist)
         if audit and not box:
             _, full_idx, _ = ops.deepfool_select(gap, gc, ctx.p)
             step, idx_p, _ = ops.deepfool_select(gap, gc * keep.unsqueeze(2).to(gc.dtype), ctx.p)
@@ -669,24 +680,45 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
 
 
 def _audit_stages(ctx: _Ctx, gap: Tensor, norms: Tensor, keep: Tensor, first_rows: Tensor,
-                  last: Tensor | None) -> Tensor:
+                  last: Tensor | None, dist: Tensor | None = None) -> Tensor:
     """The kept set of the staged pruning (:func:`_second_stage_mask` in a first iteration of the
     whole space, :func:`_later_stage_mask` in later iterations) for the audit, where every
-    candidate is differentiated: gap, norms (now), keep, last (n, J) in candidate order."""
+    candidate is differentiated: gap, norms (now), keep, last, dist (box distances with a clamp,
+    else None) (n, J) in candidate order."""
     gap_abs = gap.abs()
     out = keep
     if ctx.whole_space and keep.shape[1] > 2:
         order = torch.argsort(gap_abs.masked_fill(~keep, math.inf), dim=1)
-        m = _second_stage_mask(gap_abs.gather(1, order), norms.gather(1, order[:, :2]), keep.gather(1, order))
+        m = _second_stage_mask(gap_abs.gather(1, order), norms.gather(1, order[:, :2]), keep.gather(1, order),
+                               None if dist is None else dist.gather(1, order[:, :2]))
         out = torch.where(first_rows.unsqueeze(1), torch.zeros_like(keep).scatter(1, order, m), out)
     if last is not None:
         est = torch.nan_to_num(gap_abs / last, nan=math.inf).masked_fill(~keep, math.inf)
         order = torch.argsort(est, dim=1)
         lo = last.gather(1, order)
         m = _later_stage_mask(gap_abs.gather(1, order), norms.gather(1, order[:, :1]).squeeze(1), lo,
-                              keep.gather(1, order))
+                              keep.gather(1, order), None if dist is None else dist.gather(1, order[:, :1]).squeeze(1))
         out = torch.where(first_rows.unsqueeze(1), out, torch.zeros_like(keep).scatter(1, order, m))
     return out
+
+
+def _box_distances(ctx: _Ctx, ch: _Chunk, ar: Tensor, gc: Tensor, b: Tensor, with_room: bool = False):
+    """Box-aware linearised distances from the iterates of rows ar (clamp set, whole space): per
+    candidate, the norm of the smallest step that gains b along its gradient inside the box
+    (:func:`_box_step`), +inf where the box cannot. gc: (n, k, M) gradients, b: (n, k) gains > 0.
+    Never below the unconstrained |b| / dual norm. Returns (n, k), and the rooms (n, k, M) of
+    the coordinates towards sign(gc) with ``with_room``."""
+    n, k, M = gc.shape
+    s = 1.0 + ctx.overshoot
+    x0 = ch.x0[ar].reshape(n, 1, M)
+    r = ch.r[ar].reshape(n, 1, M)
+    room = torch.where(gc > 0, ((ctx.clamp[1] - x0) / s - r).clamp_min(0),
+                       (r - (ctx.clamp[0] - x0) / s).clamp_min(0))
+    a = gc.abs()
+    moves, feasible = _box_moves(a, room, b, ctx.p)
+    value = _norm(moves.reshape(n * k, M), ctx.p).reshape(n, k)
+    value = value.masked_fill(~(feasible & (a.sum(-1) > 0)), math.inf)
+    return (value, room) if with_room else value
 
 
 def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: Tensor,
@@ -712,24 +744,17 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     None (pruned slots have zero gradients). Returns the (n, M) step.
     """
     n, Jp, M = gc.shape
-    s = 1.0 + ctx.overshoot
-    x0 = ch.x0[ar].reshape(n, 1, M)
-    r = ch.r[ar].reshape(n, 1, M)
-    room = torch.where(gc > 0, ((ctx.clamp[1] - x0) / s - r).clamp_min(0),
-                       (r - (ctx.clamp[0] - x0) / s).clamp_min(0))  # (n, J', M)
-    a = gc.abs()
     b = (1.0 + ops.DEFAULT_SELECT_EPS) * gap.abs() + ops.SELECT_ABS_PUSH * ops.DEFAULT_SELECT_EPS
-    first = (r == 0).all(-1)  # (n, 1): the step from the clean input
+    first = (ch.r[ar] == 0).all(-1, keepdim=True)  # (n, 1): the step from the clean input
     first_fraction = _CLAMP_LINF_FIRST_FRACTION if math.isinf(ctx.p) else _CLAMP_L2_FIRST_FRACTION
     frac = torch.where(first, first_fraction, 1.0)
     # the class is chosen on the full linearised gap (exact on affine models), the first step then
     # goes the fraction of the way along the chosen class's solution path
-    moves, feasible = _box_moves(a, room, b, ctx.p)
-    value = _norm(moves.reshape(n * Jp, M), ctx.p).reshape(n, Jp)
-    ok = feasible & (a.sum(-1) > 0)
-    v_best, c = torch.where(ok & keep if keep is not None else ok, value, torch.full_like(value, math.inf)).min(1)
+    value, room = _box_distances(ctx, ch, ar, gc, b, with_room=True)
+    a = gc.abs()
+    v_best, c = (value if keep is None else value.masked_fill(~keep, math.inf)).min(1)
     if keep is not None:  # audit: the choice among all candidates vs the pruned one
-        full = torch.where(ok, value, torch.full_like(value, math.inf)).min(1)
+        full = value.min(1)
         ctx.prune_choices += n
         ctx.prune_mismatch += int((full.indices != c).sum())
     found = torch.isfinite(v_best).unsqueeze(1)

@@ -638,10 +638,10 @@ def test_no_forward_runs_while_an_earlier_graph_is_alive(cnn, digits, monkeypatc
 
     monkeypatch.setattr(engine, "_forward", counted)
     if case == "stages prune all":
-        def first_two(gap_abs, norms01, mask):
+        def first_two(gap_abs, norms01, mask, dist01=None):
             return mask & (torch.arange(mask.shape[1]) < 2)
 
-        def first_only(gap_abs, now0, last, mask):
+        def first_only(gap_abs, now0, last, mask, dist0=None):
             return mask & (torch.arange(mask.shape[1]) < 1)
 
         monkeypatch.setattr(engine, "_second_stage_mask", first_two)
