@@ -126,23 +126,27 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
         final = Path(store)
         part = part_path(final, rank, world)
         error = None
-        grid = [None]
+        planned = [None]  # (grid, engine batch, per-batch check (budget, fixed) or None)
         try:
             if rank == 0:  # plan the batch grid, validate (and create) the final store before anyone computes
-                meta = _planned_meta(model, data, subspaces, final, resume, dev, scan_kwargs)
-                grid[0] = meta["batch_size"]
+                meta, plan = _planned_meta(model, data, subspaces, final, resume, dev, scan_kwargs)
+                check = (plan.budget, plan.fixed or 0.0) if plan.source == "auto" else None
+                planned[0] = (meta["batch_size"], plan.batch_size, check)
                 ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
                 if resume:  # parts of an earlier run, possibly with another number of processes
                     merge_parts(final)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         _gather_status(error)
-        dist.broadcast_object_list(grid, src=0)
-        rank_kwargs = {**scan_kwargs, "batch_size": grid[0], "memory_budget": "off"}  # planned on rank 0
+        dist.broadcast_object_list(planned, src=0)
+        grid, engine_batch, check = planned[0]
+        # planned on rank 0: the engine's calls take rank 0's size and, when it was chosen
+        # automatically, are checked batch by batch against the rank's budget
+        rank_kwargs = {**scan_kwargs, "batch_size": engine_batch, "memory_budget": "off", "_batch_check": check}
         try:
             if not resume:
                 remove_store(part)  # a stale part of an unrelated earlier run
-            _seed_part(model, data, subspaces, final, part, rank_kwargs)
+            _seed_part(model, data, subspaces, final, part, grid, rank_kwargs)
             margin_scan(model, data, subspaces, store=part, resume=True, device=device,
                         progress=progress and rank == 0, shard=(rank, world), **rank_kwargs)
         except Exception as exc:  # noqa: BLE001
@@ -175,8 +179,9 @@ def _local_world() -> int:
         return 1
 
 
-def _planned_meta(model, data, subspaces, final: Path, resume: bool, device, scan_kwargs) -> dict:
-    """Rank 0: the final store's metadata with the batch grid every rank will use.
+def _planned_meta(model, data, subspaces, final: Path, resume: bool, device, scan_kwargs):
+    """Rank 0: (the final store's metadata with the batch grid every rank will use, the
+    :class:`~pyboundary._utils.batching.BatchPlan` of the engine's calls).
 
     The grid is planned like a single-process scan's (:func:`~pyboundary.scans.margins.plan_scan_batches`),
     except that on CPU the ranks of one machine share its memory, so each gets the budget divided
@@ -196,7 +201,7 @@ def _planned_meta(model, data, subspaces, final: Path, resume: bool, device, sca
                                    memory_budget=budget, grid=_stored_grid(final, resume), layout=layout)
     meta["batch_size"] = grid
     meta["batching"] = plan.summary()
-    return meta
+    return meta, plan
 
 
 def _meta_of(path) -> dict:
@@ -204,10 +209,11 @@ def _meta_of(path) -> dict:
         return st.meta
 
 
-def _seed_part(model, data, subspaces, final: Path, part: Path, scan_kwargs) -> None:
-    """Create/validate the part store and copy into it the pairs already merged into the final store."""
+def _seed_part(model, data, subspaces, final: Path, part: Path, grid: int, scan_kwargs) -> None:
+    """Create/validate the part store (batch grid ``grid``) and copy into it the pairs already
+    merged into the final store."""
     meta = prepare_scan(model, data, subspaces, **_prepare_kwargs(scan_kwargs))[-1]
-    meta["batch_size"] = scan_kwargs["batch_size"]
+    meta["batch_size"] = grid
     with ResultStore(part, mode="resume", meta=meta) as st:
         if final.exists():
             st.merge_from(final)

@@ -136,3 +136,40 @@ def test_world_from_env(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert world_from_env() == (3, 4, 1)
     assert part_path("/x/scan.sqlite", 1, 4) == Path("/x/scan.sqlite.part1-of-4")
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_rank_engine_calls_are_checked_like_rank_0_planned(tmp_path, monkeypatch, batch_size):
+    """A rank runs the engine with rank 0's plan: an automatic size is checked batch by batch
+    against rank 0's budget (as a single-process scan does), an explicit one is not."""
+    from pyboundary.scans import distributed, margins
+    from pyboundary.zoo import data as zdata
+    from digits_models import digits_mlp
+
+    model = digits_mlp()
+    ds = zdata.load_dataset("digits", "test", limit=12, seed=0)
+    plans, states = [], []
+    planned_meta = distributed._planned_meta
+    run_pairs = margins._run_pairs
+
+    def spy_plan(*a, **k):
+        meta, plan = planned_meta(*a, **k)
+        plans.append(plan)
+        return meta, plan
+
+    def spy_pairs(*a):
+        states.append(a[10])
+        return run_pairs(*a)
+
+    monkeypatch.setattr(distributed, "_planned_meta", spy_plan)
+    monkeypatch.setattr(margins, "_run_pairs", spy_pairs)
+    scan = distributed.distributed_scan(model, ds, "dct:K=4,T=2", store=tmp_path / "s.sqlite", progress=False,
+                                        init_method=f"file://{tmp_path / 'pg'}", rank=0, world=1,
+                                        batch_size=batch_size, memory_budget="2GB")
+    assert scan.complete and len(plans) == 1 and len(states) == 1
+    plan, calls = plans[0], states[0]
+    assert calls.batch_size == plan.batch_size
+    if batch_size is None:
+        assert plan.source == "auto" and calls.budget == plan.budget and calls.fixed == float(plan.fixed or 0.0)
+    else:
+        assert plan.source == "explicit" and calls.budget is None
