@@ -142,9 +142,10 @@ def test_world_from_env(monkeypatch):
 def test_rank_engine_calls_are_checked_like_rank_0_planned(tmp_path, monkeypatch, batch_size):
     """A rank runs the engine with rank 0's plan: an automatic size is checked batch by batch
     against rank 0's budget (as a single-process scan does), an explicit one is not."""
+    from digits_models import digits_mlp
+
     from pyboundary.scans import distributed, margins
     from pyboundary.zoo import data as zdata
-    from digits_models import digits_mlp
 
     model = digits_mlp()
     ds = zdata.load_dataset("digits", "test", limit=12, seed=0)
