@@ -63,6 +63,9 @@ class ScanComparison(Result):
         ci_low, ci_high: (R - 1, S) percentile bootstrap confidence interval of ``difference``.
         confidence: the CI's level (e.g. 0.95); n_boot: bootstrap resamples; seed: their seed.
         sources: (R,) where each scan came from (path, or '' for a scan object).
+        tight: (R,) bool, whether each run's margins come from the engine's tight mode (the
+            nearest boundary point found) rather than DeepFool's point (empty for comparisons
+            saved before this field existed).
     """
 
     names: list
@@ -83,6 +86,7 @@ class ScanComparison(Result):
     n_boot: int = 1000
     seed: int = 0
     sources: list = field(default_factory=list)
+    tight: list = field(default_factory=list)
 
     @property
     def n_runs(self) -> int:
@@ -114,6 +118,7 @@ class ScanComparison(Result):
                 rows.append(row)
         return {"names": list(self.names), "sources": list(self.sources), "subspace_spec": self.subspace_spec,
                 "subspace_labels": list(self.subspace_labels), "norms": list(self.norms),
+                "tight": list(self.tight),
                 "samples": self.samples, "confidence": self.confidence, "n_boot": self.n_boot,
                 "seed": self.seed, "rows": rows}
 
@@ -127,9 +132,13 @@ class ScanComparison(Result):
                  f"with {level} bootstrap CI, {self.n_boot} resamples, seed {self.seed})"]
         for r, name in enumerate(self.names):
             src = f"  [{self.sources[r]}]" if r < len(self.sources) and self.sources[r] else ""
-            lines.append(f"  run {r}: {name} ({self.norms[r]} margins, {int(self.n_samples[r])} samples){src}")
+            kind = "tight " if r < len(self.tight) and self.tight[r] else ""
+            lines.append(f"  run {r}: {name} ({kind}{self.norms[r]} margins, {int(self.n_samples[r])} samples){src}")
         if len(set(self.norms)) > 1:
             lines.append("  note: the runs measure different norms; compare their ratios, not differences")
+        if len(set(self.tight)) > 1:
+            lines.append("  note: tight runs measure the nearest boundary point found, the others DeepFool's "
+                         "(an upper bound on it)")
         w = max(8, max(len(n) for n in self.names) + 3)
         lines.append(f"{'#':>3} {'member':>8} {'run':<{w}} {'median':>9} {'p5':>9} {'p95':>9} {'conv/n':>9} "
                      f"{'ratio':>7}  difference [{level} CI]")
@@ -228,7 +237,7 @@ def compare(scans: Sequence, *, names: Sequence[str] | None = None, samples: str
         ratio = stats["median"] / stats["median"][:1]
     return ScanComparison(
         names=labels, subspace_spec=loaded[0].subspace_spec, subspace_labels=list(loaded[0].subspace_labels),
-        norms=[s.norm_name for s in loaded], samples=samples,
+        norms=[s.norm_name for s in loaded], tight=[bool(s.tight) for s in loaded], samples=samples,
         n_samples=np.array([m.shape[0] for m in margins], dtype=np.int64), ratio=ratio,
         difference=stats["median"][1:] - stats["median"][:1], ci_low=lo, ci_high=hi,
         confidence=confidence, n_boot=n_boot, seed=seed, sources=list(sources),

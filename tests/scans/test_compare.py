@@ -154,3 +154,26 @@ def test_common_samples(scans):
     far = pb.MarginScan(**{**s2.__dict__, "sample_keys": s2.sample_keys + 1})
     with pytest.raises(ValueError, match="0 sample"):
         compare([s1, far], samples="common")
+
+
+def test_tight_and_plain_runs_are_labelled(scans, tmp_path):
+    ds = digits("test").subset(torch.arange(40))
+    std = digits_mlp(seed=0)
+    kw = dict(progress=False, batch_size=512, model_name="mlp standard")
+    plain = pb.margin_scan(std, ds, FAMILY, **kw)
+    tight = pb.margin_scan(std, ds, FAMILY, deepfool_kwargs={"tight": True, "tight_classes": 0}, **kw)
+    comp = compare([plain, tight], names=["plain", "tight"], n_boot=100)
+    assert comp.tight == [False, True] and comp.summary()["tight"] == [False, True]
+    text = comp.format_summary()
+    assert "plain (L2 margins" in text and "tight (tight L2 margins" in text
+    assert "tight runs measure the nearest boundary point found" in text
+    assert bool((comp.ratio[1] <= 1 + 1e-9).all())  # tight medians never above DeepFool's
+    comp.save(tmp_path / "c.json")
+    assert ScanComparison.load(tmp_path / "c.json").tight == [False, True]
+    # a comparison saved before the field existed still loads (no tight marks)
+    import json
+    data = json.loads((tmp_path / "c.json").read_text())
+    del data["tight"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = ScanComparison.load(tmp_path / "old.json")
+    assert old.tight == [] and "L2 margins" in old.format_summary()
