@@ -374,7 +374,9 @@ def test_the_process_peak_survives_the_measurements():
     high = mem.peak_rss()
     del big
     measure_peak(lambda: None, "cpu")  # resets the kernel's peak
-    assert mem.peak_rss() >= high  # the lifetime peak is kept for reports (pyboundary scan prints it)
+    # the lifetime peak is kept for reports (pyboundary scan prints it); the kernel's RSS counters
+    # are batched per thread (a few hundred KiB behind at a read), hence the slack
+    assert mem.peak_rss() >= high - 2 * MiB
     start = mem.start_peak_window("cpu")
     quiet = mem.peak_since_window(start, "cpu")  # nothing allocated since the window started
     assert quiet is None or quiet - start < 8 * MiB
