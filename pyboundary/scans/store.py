@@ -94,6 +94,14 @@ def _db_value(v):
     return v
 
 
+def _difference(key: str, stored, given) -> str:
+    """'key: stored A, now B'; for two mappings, only their entries that differ ('key.sub: ...')."""
+    if isinstance(stored, Mapping) and isinstance(given, Mapping):
+        subs = sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
+        return "; ".join(f"{key}.{k}: stored {stored.get(k)!r}, now {given.get(k)!r}" for k in subs)
+    return f"{key}: stored {stored!r}, now {given!r}"
+
+
 class ResultStore:
     """One SQLite file of results; see the module docstring for the layout and the rules.
 
@@ -198,7 +206,7 @@ class ResultStore:
         keys = (set(stored) | set(given)) - VOLATILE_KEYS
         differing = sorted(k for k in keys if stored.get(k) != given.get(k))
         if differing:
-            details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {given.get(k)!r}" for k in differing)
+            details = "; ".join(_difference(k, stored.get(k), given.get(k)) for k in differing)
             raise StoreError(
                 f"refusing to resume {str(self.path)!r}: it was made with different settings "
                 f"(differing keys: {', '.join(differing)}). {details}"

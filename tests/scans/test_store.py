@@ -68,8 +68,11 @@ def test_resume_checks_metadata(tmp_path):
     with ResultStore(path, mode="resume", meta=dict(META)) as st:  # same settings: fine
         assert st.count_pairs() == 2
     changed = {**META, "params": {"p": math.inf, "overshoot": 0.02}, "model": {"name": "m", "weights_hash": "zzz"}}
-    with pytest.raises(StoreError, match=r"differing keys: model, params"):
+    with pytest.raises(StoreError, match=r"differing keys: model, params") as err:
         ResultStore(path, mode="resume", meta=changed)
+    # within a mapping, only the entries that differ are named
+    assert "params.p: stored 2.0, now inf" in str(err.value) and "overshoot" not in str(err.value)
+    assert "model.weights_hash: stored" in str(err.value) and "model.name" not in str(err.value)
     with pytest.raises(StoreError, match="differing keys: extra"):
         ResultStore(path, mode="resume", meta={**META, "extra": 1})
     # library versions are recorded, not compared
