@@ -96,7 +96,7 @@ from ._boundary import dual_norm as _dual_norm
 from ._boundary import norm as _norm
 from ._boundary import robust_score as _robust_score
 from ._boundary import score as _score
-from .tight import TIGHT_CLASS_RATIO, TIGHT_CLASSES, TIGHT_STEPS, min_norm_point, tighten
+from .tight import TIGHT_CLASS_POOL, TIGHT_CLASS_RATIO, TIGHT_CLASSES, TIGHT_STEPS, min_norm_point, tighten
 
 __all__ = ["deepfool", "DeepFoolResult", "DEFAULT_TOL", "PRUNE_FACTOR", "DEFAULT_GRAD_STRATEGY"]
 
@@ -518,14 +518,15 @@ def _step(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, logits: T
     gap = gap_all if slots is None else gap_all.gather(1, slots)
     ctx.trace[-1] = (ctx.trace[-1][0], gap.shape[1])
     if mask is not None and ctx.strategy == "loop":
-        g, mask = _pruned_gradients(ctx, ch, ar, xa, rows, gap, slots, mask)
+        scale = logits.detach().abs().amax(1, keepdim=True)
+        g, mask = _pruned_gradients(ctx, ch, ar, xa, rows, gap, slots, mask, scale)
     else:
         g = _gradients(ctx, xa, gap, mask)[:, rows].transpose(0, 1)  # (n, J', ...)
     _apply_step(ctx, ch, ar, g, gap.detach(), logits.detach(), slots, mask, keep)
 
 
 def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tensor, gap: Tensor,
-                      slots: Tensor, mask: Tensor) -> Tensor:
+                      slots: Tensor, mask: Tensor, logit_scale: Tensor) -> Tensor:
     """Kept candidate gradients, slot by slot -> (g (n, J', ...) (zeros where not kept), the
     final mask (n, J') of differentiated slots).
 
@@ -564,15 +565,17 @@ def _pruned_gradients(ctx: _Ctx, ch: _Chunk, ar: Tensor, xa: Tensor, rows: Tenso
         if stage and n_more > 0:
             with torch.no_grad():
                 gap_abs = gap.detach().abs()
+                # with a clamp: box distances for the gains the step will aim at (_box_step)
+                gain = None if ctx.clamp is None else _box_gain(_pushed_gap(ctx, gap.detach(), logit_scale))
                 if j == 1:  # first iteration (whole space): slots 0 and 1 known
                     g01 = g[:, :2].reshape(n, 2, -1)
-                    dist = None if ctx.clamp is None else _box_distances(ctx, ch, ar, g01, gap_abs[:, :2])
+                    dist = None if ctx.clamp is None else _box_distances(ctx, ch, ar, g01, gain[:, :2])
                     new = _second_stage_mask(gap_abs, _dual_norm(g01, ctx.p), mask, dist)
                     mask = torch.where(first.unsqueeze(1), new, mask)
                 else:  # later iterations: slot 0 known
                     g0 = ctx.space._analysis(g[:, 0], ch.idx[ar])
                     dist = (None if ctx.clamp is None else
-                            _box_distances(ctx, ch, ar, g0.unsqueeze(1), gap_abs[:, :1]).squeeze(1))
+                            _box_distances(ctx, ch, ar, g0.unsqueeze(1), gain[:, :1]).squeeze(1))
                     new = _later_stage_mask(gap_abs, _dual_norm(g0, ctx.p), last, mask, dist)
                     mask = torch.where(first.unsqueeze(1), mask, new)
             more = mask[cur, j + 1]
@@ -653,12 +656,11 @@ def _apply_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, g: Tensor, gap: Tensor, logit
         ch.ngrad[ar] += Jp if mask is None else mask.sum(1)
         _remember_norms(ch, ar, _dual_norm(gc, ctx.p), slots, mask)
         # aim past the float-noise band of the flip test (and further with a clamp)
-        push = 2 * _NOISE_ULPS * torch.finfo(logits.dtype).eps + (_CLAMP_PUSH if ctx.clamp else 0.0)
-        gap = gap - push * logits.abs().amax(1, keepdim=True)
+        gap = _pushed_gap(ctx, gap, logits.abs().amax(1, keepdim=True))
         box = ctx.clamp is not None
         audit = keep is not None and ctx.prune == "audit"
         if audit and keep.shape[1] > 1:
-            dist = None if not box else _box_distances(ctx, ch, ar, gc, gap.abs())
+            dist = None if not box else _box_distances(ctx, ch, ar, gc, _box_gain(gap))
             keep = _audit_stages(ctx, gap, _dual_norm(gc, ctx.p), keep, first_rows, last_norms, dist)
         if audit and not box:
             _, full_idx, _ = ops.deepfool_select(gap, gc, ctx.p)
@@ -700,6 +702,19 @@ def _audit_stages(ctx: _Ctx, gap: Tensor, norms: Tensor, keep: Tensor, first_row
                               keep.gather(1, order), None if dist is None else dist.gather(1, order[:, :1]).squeeze(1))
         out = torch.where(first_rows.unsqueeze(1), out, torch.zeros_like(keep).scatter(1, order, m))
     return out
+
+
+def _pushed_gap(ctx: _Ctx, gap: Tensor, logit_scale: Tensor) -> Tensor:
+    """The gaps (n, J) <= 0 a step aims at: past the float-noise band of the flip test (and further
+    with a clamp), relative to logit_scale (n, 1), the largest |logit| of each row."""
+    push = 2 * _NOISE_ULPS * torch.finfo(gap.dtype).eps + (_CLAMP_PUSH if ctx.clamp else 0.0)
+    return gap - push * logit_scale
+
+
+def _box_gain(pushed_gap: Tensor) -> Tensor:
+    """The gain b > 0 a box-aware step must make along its gradient (as :func:`ops.deepfool_select`
+    aims: the pushed gap, slightly more)."""
+    return (1.0 + ops.DEFAULT_SELECT_EPS) * pushed_gap.abs() + ops.SELECT_ABS_PUSH * ops.DEFAULT_SELECT_EPS
 
 
 def _box_distances(ctx: _Ctx, ch: _Chunk, ar: Tensor, gc: Tensor, b: Tensor, with_room: bool = False):
@@ -744,7 +759,7 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     None (pruned slots have zero gradients). Returns the (n, M) step.
     """
     n, Jp, M = gc.shape
-    b = (1.0 + ops.DEFAULT_SELECT_EPS) * gap.abs() + ops.SELECT_ABS_PUSH * ops.DEFAULT_SELECT_EPS
+    b = _box_gain(gap)
     first = (ch.r[ar] == 0).all(-1, keepdim=True)  # (n, 1): the step from the clean input
     first_fraction = _CLAMP_LINF_FIRST_FRACTION if math.isinf(ctx.p) else _CLAMP_L2_FIRST_FRACTION
     frac = torch.where(first, first_fraction, 1.0)
@@ -921,7 +936,8 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
     if ctx.tight:
         pert, margin = _tight(ctx, ch, ok.nonzero().squeeze(1), coords, pert, margin, steps)
     if ctx.class_estimates:
-        extra = dict(_class_estimates=_class_estimates(ctx, ch, ok.nonzero().squeeze(1)), _classes=ch.cand)
+        est = _class_estimates(ctx, ch, ok.nonzero().squeeze(1))
+        extra = dict(_class_estimates=est, _classes=ch.cand[:, :est.shape[1]])
     with torch.no_grad():
         inf = torch.full_like(margin, math.inf)
         margin = torch.where(ch.conv, margin, inf)
@@ -937,11 +953,12 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
 def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
     """Linearised distance at the clean input to each candidate class's boundary, for rows
     (converged, correctly classified): the nearest point of f_c - f_ref >= 0 linearised at x0 (in
-    the coordinates of the member, inside the box with a clamp). (n, J) for the chunk's candidates
-    ch.cand, inf for other rows and for classes the box keeps out of reach. One forward and J
-    reverse rows per distinct input (rows sharing an input, e.g. one image x many subspaces,
-    share them), counted as tight passes."""
-    n, J = ch.cand.shape
+    the coordinates of the member, inside the box with a clamp). (n, J) for the chunk's first J =
+    min(candidates - 1, TIGHT_CLASS_POOL) candidates ch.cand (the most likely other classes), inf
+    for other rows and for classes the box keeps out of reach. One forward and J reverse rows per
+    distinct input (rows sharing an input, e.g. one image x many subspaces, share them), counted as
+    tight passes."""
+    n, J = ch.cand.shape[0], min(ch.cand.shape[1], TIGHT_CLASS_POOL)
     est = torch.full((n, J), math.inf, dtype=ch.x0.dtype, device=ch.x0.device)
     if rows.numel() == 0:
         return est
@@ -949,7 +966,7 @@ def _class_estimates(ctx: _Ctx, ch: _Chunk, rows: Tensor) -> Tensor:
     groups = _duplicate_groups(ch, rows)
     src = rows if groups is None else rows[groups[0]]
     xa = ch.x0[src].detach().requires_grad_(True)
-    gap = _candidate_gaps(ch, src, _forward(ctx, xa, grad_rows=J))
+    gap = _candidate_gaps(ch, src, _forward(ctx, xa, grad_rows=J))[:, :J]
     g = _gradients(ctx, xa, gap, None)  # (J, distinct inputs, ...)
     gap = gap.detach() if groups is None else gap.detach()[groups[1]]
     ch.fwd[rows] += 1
@@ -1034,6 +1051,7 @@ def deepfool(
     tight: bool = False,
     tight_steps: int | None = None,
     tight_classes: int | None = None,
+    tight_class_ratio: float | None = None,
     _calls: BackoffState | None = None,
 ) -> DeepFoolResult:
     """Minimal adversarial perturbations (distance to the decision boundary) by batched DeepFool.
@@ -1081,17 +1099,20 @@ def deepfool(
             and one reverse row each, plus a few polish steps and the final bracketing.
         tight_classes: with ``tight`` and no ``target``: also run the targeted tight search
             towards up to ``tight_classes`` other classes per sample and keep the nearest point.
-            The classes are ranked by their linearised distance at the clean input (the
-            nearest point of f_c - f_ref >= 0 linearised at x, inside the box; the reference
-            class and the class the untargeted search ended at excluded), and only classes
-            within :data:`pyboundary.attacks.tight.TIGHT_CLASS_RATIO` (1.2) times the nearest
-            class's distance are searched: the nearest boundary piece often belongs to a class
-            other than the one the untargeted walk ends at, and one walk cannot leave its
-            class's region. Cost: one forward and ``candidates - 1`` reverse rows per sample for
-            the distances, plus one targeted tight run per class searched (0.6 per sample on
-            average on the reference LeNet; benchmarks/README.md, "Tight margins"). None: 2
-            (:data:`pyboundary.attacks.tight.TIGHT_CLASSES`) with ``tight``, else 0; 0: the
-            untargeted search only.
+            The classes considered are the sample's most likely other classes (the candidates,
+            at most :data:`pyboundary.attacks.tight.TIGHT_CLASS_POOL` = 9 of them), ranked by
+            their linearised distance at the clean input (the nearest point of f_c - f_ref >= 0
+            linearised at x, inside the box; the class the untargeted search ended at excluded);
+            only classes within ``tight_class_ratio`` times the nearest class's distance are
+            searched: the nearest boundary piece often belongs to a class other than the one
+            the untargeted walk ends at, and one walk cannot leave its class's region. Cost: one
+            forward and J = min(candidates, number of classes, 10) - 1 reverse rows per distinct
+            input for the distances, plus one targeted tight run per class searched (0.6 per
+            sample on average on the reference LeNet; benchmarks/README.md, "Tight margins").
+            None: 2 (:data:`pyboundary.attacks.tight.TIGHT_CLASSES`) with ``tight``, else 0; 0:
+            the untargeted search only. With ``candidates=2`` there is no other class to search.
+        tight_class_ratio: the screening ratio of ``tight_classes`` (>= 1; inf: no screening).
+            None: :data:`pyboundary.attacks.tight.TIGHT_CLASS_RATIO` (1.2).
         _calls: internal (the margin scan): the :class:`~pyboundary._utils.batching.BackoffState`
             that sizes the calls, shared across calls so that a lowered size stays lowered.
     Returns:
@@ -1123,6 +1144,11 @@ def deepfool(
     if tight_classes is None:
         tight_classes = TIGHT_CLASSES if tight and target is None else 0
     tight_classes = check_int("tight_classes", tight_classes, minimum=0)
+    if tight_class_ratio is not None and not tight:
+        raise ValueError("tight_class_ratio needs tight=True (it screens the tight searches towards other classes)")
+    tight_class_ratio = check_number("tight_class_ratio",
+                                     TIGHT_CLASS_RATIO if tight_class_ratio is None else tight_class_ratio, minimum=1,
+                                     finite=False)
     if tight_classes and not tight:
         raise ValueError("tight_classes needs tight=True (it widens the tight search)")
     if tight_classes and target is not None:
@@ -1138,7 +1164,7 @@ def deepfool(
                n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
                gen=make_generator(seed, x.device),
                whole_space=whole_space, tight=bool(tight), tight_steps=tight_steps,
-               class_estimates=bool(tight_classes))
+               class_estimates=bool(tight_classes) and candidates > 2)
 
     def chunk(c: _Ctx, s: int, e: int) -> dict:
         return _run_chunk(c, x[s:e], idx[s:e], None if labels is None else labels[s:e],
@@ -1177,7 +1203,8 @@ def deepfool(
                             grad_strategy=grad_strategy, prune=prune, noise_scale=noise_scale,
                             tight=True, tight_steps=tight_steps, tight_classes=0)
 
-        _tighten_towards_other_classes(res, estimates, classes, tight_classes, targeted)
+        if estimates is not None:
+            _tighten_towards_other_classes(res, estimates, classes, tight_classes, tight_class_ratio, targeted)
     return res
 
 
@@ -1191,14 +1218,14 @@ def _probe_key(ctx: _Ctx, x: Tensor) -> tuple:
             ctx.class_estimates, ctx.noise_retries)
 
 
-def _tighten_towards_other_classes(res: DeepFoolResult, estimates: Tensor, classes: Tensor, k: int,
+def _tighten_towards_other_classes(res: DeepFoolResult, estimates: Tensor, classes: Tensor, k: int, ratio: float,
                                    targeted: Callable[[Tensor, Tensor], DeepFoolResult]) -> None:
     """Update res in place with targeted tight searches towards up to k other classes per sample.
 
     estimates: (N, J) linearised distances at the clean inputs to the boundaries of the candidate
     classes classes (N, J) (:func:`_class_estimates`). For the samples the untargeted search
     flipped (converged, not misclassified), the classes other than the one already reached whose
-    distance is at most TIGHT_CLASS_RATIO x the smallest one, nearest first; for rank j < k,
+    distance is at most ratio x the smallest one, nearest first; for rank j < k,
     ``targeted(rows, classes)`` runs on every sample that has a j-th such class, and a nearer point
     replaces the sample's perturbation, margin and adversarial class. All its passes count as tight
     passes (``tight_forward`` / ``tight_backward``, ``n_forward`` / ``n_backward``).
@@ -1208,7 +1235,7 @@ def _tighten_towards_other_classes(res: DeepFoolResult, estimates: Tensor, class
         return
     est, cls = estimates[rows], classes[rows]
     nearest = est.min(1, keepdim=True).values
-    eligible = (cls != res.adv_label[rows, None]) & torch.isfinite(est) & (est <= TIGHT_CLASS_RATIO * nearest)
+    eligible = (cls != res.adv_label[rows, None]) & torch.isfinite(est) & (est <= ratio * nearest)
     order = est.masked_fill(~eligible, math.inf).argsort(dim=1, stable=True)
     ranked = cls.gather(1, order)
     usable = eligible.gather(1, order)

@@ -122,7 +122,7 @@ def deepfool_kwargs(args) -> dict:
         raise UsageError(f"--overshoot must be a finite number >= 0, got {args.overshoot}")
     out = {"candidates": args.candidates, "max_iter": args.max_iter, "overshoot": args.overshoot}
     tight_classes = getattr(args, "tight_classes", None)
-    if tight_classes is not None and not getattr(args, "tight", False):
+    if tight_classes and not getattr(args, "tight", False):
         raise UsageError("--tight-classes needs --tight")
     if getattr(args, "tight", False):
         out["tight"] = True

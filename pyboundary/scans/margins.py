@@ -38,7 +38,7 @@ from .._utils.results import Result
 from .._utils.stats import summarize
 from .._utils.validation import check_int, is_inf
 from ..attacks.deepfool import deepfool
-from ..attacks.tight import TIGHT_CLASSES
+from ..attacks.tight import TIGHT_CLASS_RATIO, TIGHT_CLASSES
 from ..subspaces import Subspace, parse_subspaces
 from ..zoo.cache import weights_hash
 from ..zoo.data import subset_indices
@@ -580,8 +580,12 @@ def _engine_params(p, options: dict) -> dict:
         params.pop("tight", None)
         params.pop("tight_steps", None)
         params.pop("tight_classes", None)
-    elif params.get("tight_classes") is None:  # the engine's default, stored as the number it means
-        params["tight_classes"] = TIGHT_CLASSES
+        params.pop("tight_class_ratio", None)
+    else:  # the engine's defaults, stored as the values they mean (a later default cannot mix runs)
+        if params.get("tight_classes") is None:
+            params["tight_classes"] = TIGHT_CLASSES
+        if params.get("tight_class_ratio") is None:
+            params["tight_class_ratio"] = TIGHT_CLASS_RATIO
     return params
 
 

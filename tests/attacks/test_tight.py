@@ -13,7 +13,7 @@ from scipy.optimize import linprog, minimize
 from torch import nn
 
 from pyboundary.attacks.deepfool import deepfool
-from pyboundary.attacks.tight import TIGHT_CLASS_RATIO, min_norm_point
+from pyboundary.attacks.tight import TIGHT_CLASS_POOL, TIGHT_CLASS_RATIO, min_norm_point
 from pyboundary.subspaces import RandomSubspaces
 
 # ------------------------------------------------------------------------------ references
@@ -467,3 +467,37 @@ def test_class_distances_shared_by_rows_of_one_input(cnn64):
     assert torch.equal(shared.adv_label, alone.adv_label)
     # the engine's first step and the distances: one forward of the 6 images each, 9 classes
     assert shared.trace.count((6, 9)) == 2 and (24, 9) not in shared.trace
+
+
+def test_tight_class_screening_options(cnn64, monkeypatch):
+    """tight_class_ratio=inf searches the nearest two classes by linearised distance unscreened;
+    at most TIGHT_CLASS_POOL classes are screened; candidates=2 leaves no class to screen."""
+    import pyboundary.attacks.deepfool as engine
+
+    model, x = cnn64
+    x = x[:16]
+    screened = deepfool(model, x, tight=True)
+    wide = deepfool(model, x, tight=True, tight_class_ratio=math.inf)
+    assert wide.n_backward > screened.n_backward  # more classes searched
+    assert bool((wide.margin <= screened.margin * (1 + 1e-9)).all())
+    with pytest.raises(ValueError, match="tight_class_ratio"):
+        deepfool(model, x[:2], tight=True, tight_class_ratio=0.5)
+    with pytest.raises(ValueError, match="tight_class_ratio needs tight=True"):
+        deepfool(model, x[:2], tight_class_ratio=2.0)
+
+    shapes = []
+    estimates = engine._class_estimates
+
+    def spy(ctx, ch, rows):
+        est = estimates(ctx, ch, rows)
+        shapes.append(tuple(est.shape))
+        return est
+
+    monkeypatch.setattr(engine, "_class_estimates", spy)
+    wide_model = nn.Sequential(model, nn.Linear(10, 20).double())  # 20 classes
+    deepfool(wide_model, x[:4], tight=True, candidates=20, max_iter=200)
+    assert shapes and all(s[1] == TIGHT_CLASS_POOL for s in shapes)  # not all 19 other classes
+    shapes.clear()
+    two = deepfool(model, x[:4], tight=True, candidates=2)
+    assert not shapes  # nothing to screen
+    torch.testing.assert_close(two.margin, deepfool(model, x[:4], tight=True, tight_classes=0, candidates=2).margin)

@@ -172,6 +172,7 @@ def test_tight_scan_is_a_stored_parameter_and_labelled(tmp_path, tiny_model, cap
 def test_tight_classes_flag(tmp_path, tiny_model, capsys):
     assert cli.main(_scan_args(tmp_path / "bad", tiny_model, "--tight-classes", "1")) == 2
     assert "--tight-classes needs --tight" in capsys.readouterr().err
+    assert cli.main(_scan_args(tmp_path / "zero", tiny_model, "--tight-classes", "0")) == 0  # 0 asks nothing
     out = tmp_path / "wide"
     assert cli.main(_scan_args(out, tiny_model, "--tight", "--tight-classes", "1")) == 0
     scan = MarginScan.load(out)
@@ -179,7 +180,8 @@ def test_tight_classes_flag(tmp_path, tiny_model, capsys):
     # the engine's default is stored as the number it means, so a later default cannot mix runs
     out = tmp_path / "default"
     assert cli.main(_scan_args(out, tiny_model, "--tight")) == 0
-    assert MarginScan.load(out).meta["params"]["tight_classes"] == 2
+    params = MarginScan.load(out).meta["params"]
+    assert params["tight_classes"] == 2 and params["tight_class_ratio"] == 1.2
     assert cli.main(_scan_args(out, tiny_model, "--resume", "--tight", "--tight-classes", "0")) == 2
     assert cli.main(_scan_args(out, tiny_model, "--resume", "--tight", "--tight-classes", "2")) == 0
 
