@@ -758,7 +758,7 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     uses the kept ones and prune_choices / prune_mismatch count the box-aware choices), else
     None (pruned slots have zero gradients). Returns the (n, M) step.
     """
-    n, Jp, M = gc.shape
+    n, _, M = gc.shape
     b = _box_gain(gap)
     first = (ch.r[ar] == 0).all(-1, keepdim=True)  # (n, 1): the step from the clean input
     first_fraction = _CLAMP_LINF_FIRST_FRACTION if math.isinf(ctx.p) else _CLAMP_L2_FIRST_FRACTION
@@ -937,7 +937,7 @@ def _run_chunk(ctx: _Ctx, x0, idx, labels, target) -> dict:
         pert, margin = _tight(ctx, ch, ok.nonzero().squeeze(1), coords, pert, margin, steps)
     if ctx.class_estimates:
         est = _class_estimates(ctx, ch, ok.nonzero().squeeze(1))
-        extra = dict(_class_estimates=est, _classes=ch.cand[:, :est.shape[1]])
+        extra = {"_class_estimates": est, "_classes": ch.cand[:, :est.shape[1]]}
     with torch.no_grad():
         inf = torch.full_like(margin, math.inf)
         margin = torch.where(ch.conv, margin, inf)
