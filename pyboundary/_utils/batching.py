@@ -113,12 +113,14 @@ class BatchPlan:
                 "estimated_peak_bytes": None if self.need is None else round(self.need),
                 "budget_origin": self.budget_origin, "unit": self.unit}
 
-    def state(self, align: int = 1) -> BackoffState:
+    def state(self, align: int = 1, *, budget: int | None = None, fixed: float | None = None) -> BackoffState:
         """The :class:`BackoffState` to run this plan with: an automatic choice is checked batch by
         batch against the budget (and lowered when a batch goes over it); an explicit or unchecked
-        size is kept (but for out-of-memory back-off)."""
-        budget = self.budget if self.source == "auto" else None
-        return BackoffState(self.batch_size, budget=budget, fixed=self.fixed or 0.0, device=self.device,
+        size is kept (but for out-of-memory back-off). ``budget`` / ``fixed``: check against these
+        instead (the automatic plan another process made, e.g. rank 0 of a distributed scan)."""
+        if budget is None:
+            budget, fixed = (self.budget if self.source == "auto" else None), self.fixed
+        return BackoffState(self.batch_size, budget=budget, fixed=fixed or 0.0, device=self.device,
                             align=align, unit=self.unit)
 
     def format_summary(self) -> str:

@@ -227,8 +227,8 @@ def _hwm_bytes() -> int | None:
 def peak_rss() -> int | None:
     """The process's peak resident set size so far in bytes (None off Linux): ``VmHWM``, or the
     larger peak it had before a measurement here reset it."""
-    kib = _proc_status_kib("VmHWM")
-    return None if kib is None else max(kib, _hwm_before_resets_kib) * 1024
+    hwm = _hwm_bytes()
+    return None if hwm is None else max(hwm, _hwm_before_resets_kib * 1024)
 
 
 def _reset_rss_peak() -> bool:

@@ -126,11 +126,11 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
         final = Path(store)
         part = part_path(final, rank, world)
         error = None
-        planned = [None]  # (grid, engine batch, per-batch check (budget, fixed) or None)
+        planned = [None]  # (grid, engine batch, per-batch check {budget, fixed} or None)
         try:
             if rank == 0:  # plan the batch grid, validate (and create) the final store before anyone computes
                 meta, plan = _planned_meta(model, data, subspaces, final, resume, dev, scan_kwargs)
-                check = (plan.budget, plan.fixed or 0.0) if plan.source == "auto" else None
+                check = {"budget": plan.budget, "fixed": plan.fixed} if plan.source == "auto" else None
                 planned[0] = (meta["batch_size"], plan.batch_size, check)
                 ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
                 if resume:  # parts of an earlier run, possibly with another number of processes

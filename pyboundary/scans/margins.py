@@ -740,7 +740,7 @@ def margin_scan(
     shard: tuple[int, int] | None = None,
     channels_last: bool | None = None,
     deepfool_kwargs: dict | None = None,
-    _batch_check: tuple | None = None,
+    _batch_check: dict | None = None,
 ) -> MarginScan:
     """Margins of every (sample, subspace member) pair, batched through the DeepFool engine.
 
@@ -790,7 +790,7 @@ def margin_scan(
             max_iter, refine, tol, clamp, ...); all of them, with the engine's defaults filled
             in, are part of the stored metadata.
         _batch_check: internal (a rank of :func:`pyboundary.scans.distributed.distributed_scan`):
-            (budget bytes, fixed bytes) of rank 0's automatic plan, to check the engine's calls
+            ``{"budget": bytes, "fixed": bytes}`` of rank 0's automatic plan, to check the engine's calls
             batch by batch while ``batch_size`` is rank 0's choice and ``memory_budget`` 'off'.
 
     Returns:
@@ -826,23 +826,13 @@ def margin_scan(
         left = sum(int(b.shape[0]) for b in batches)
         with ScanProgress(total, total - left, enabled=progress, note=f"batch {plan.batch_size}") as bar:
             _run_pairs(engine_model, src, family, batches, params, dev, st, acc, bar, layout,
-                       _engine_calls(plan, family.n_members, _batch_check), workers)
+                       plan.state(align=family.n_members, **(_batch_check or {})), workers)
         if st is not None:
             return scan_from_store(st)
         return acc.to_scan(src.labels, family, params["p"], meta)
     finally:
         if opened:
             st.close()
-
-
-def _engine_calls(plan: BatchPlan, align: int, check: tuple | None) -> BackoffState:
-    """The :class:`BackoffState` of the scan's engine calls: the plan's, or (a rank of a
-    distributed scan, whose size rank 0 planned) one checked batch by batch against check =
-    (budget bytes, fixed bytes) of rank 0's automatic plan."""
-    if check is None:
-        return plan.state(align=align)
-    budget, fixed = check
-    return BackoffState(plan.batch_size, budget=budget, fixed=fixed, device=plan.device, align=align, unit=plan.unit)
 
 
 def _check_shard(shard) -> None:
