@@ -214,6 +214,17 @@ def test_shared_directions_and_relative_curvature():
     assert float(frac[0]) == pytest.approx(0.6, abs=1e-3)
 
 
+def test_relative_curvature_chunked_over_samples_matches_one_batch():
+    model = smooth_mlp(10, n_classes=5)
+    xs = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    basis = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))[0]
+    a = C.relative_curvature(model, xs, basis, n_dirs=5, h=1e-3, batch_size=8)  # one sample per chunk
+    b = C.relative_curvature(model, xs, basis, n_dirs=5, h=1e-3, batch_size=10_000)
+    for f in ("rho", "directional", "random_mean_abs"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f))
+    assert a.n_forward == b.n_forward
+
+
 def test_noise_accuracy_inside_vs_complement():
     # boundary x_1 = 0.5 (flat, normal e_1): noise of norm 1 along e_1 flips half the labels,
     # noise orthogonal to e_1 never does
@@ -293,6 +304,37 @@ def test_input_errors():
         C.noise_accuracy(Quadric(A), x, torch.zeros(2, dtype=torch.int64), torch.eye(8)[:, :1], radius=-1.0)
 
 
+def test_mean_curvature_holds_about_batch_size_rows_whatever_the_classes(monkeypatch):
+    """999 other classes of an ImageNet model must not mean (J x T, D) tensors per sample: every
+    block of (sample, class[, direction]) rows handed to the model helpers stays within batch_size
+    (T rows when a sample's T directions alone exceed it), and chunking the classes changes no
+    number."""
+    from pyboundary.geometry.curvature import mean
+
+    model = smooth_mlp(10, n_classes=60)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    sizes = []
+    for name in ("_grad_rows", "_second_diff_rows"):
+        real = getattr(mean, name)
+
+        def spy(model_, rows, *args, _real=real, **kwargs):
+            sizes.append(rows.shape[0])
+            return _real(model_, rows, *args, **kwargs)
+
+        monkeypatch.setattr(mean, name, spy)
+    small = C.mean_curvature(model, x, n_dirs=6, batch_size=12)
+    assert sizes and max(sizes) <= 12
+    sizes.clear()
+    C.mean_curvature(model, x, n_dirs=20, batch_size=12, estimator="hutchinson")
+    assert max(sizes) <= 20
+    monkeypatch.undo()
+    whole = C.mean_curvature(model, x, n_dirs=6, batch_size=10_000)
+    assert small.classes.shape == (5, 59)
+    for f in ("hutchinson", "hutchinson_se", "trace", "grad_norm", "values"):
+        torch.testing.assert_close(getattr(small, f), getattr(whole, f))
+    assert small.n_forward == whole.n_forward and small.n_backward == whole.n_backward
+
+
 def test_mean_curvature_independent_of_batch_size():
     model = smooth_mlp(10)
     x = torch.randn(5, 10, dtype=torch.float64)
@@ -320,6 +362,26 @@ def test_dense_chunked_over_samples_matches_one_batch():
     a = C.principal_curvatures(model, x, k=2, method="dense", h=1e-3, batch_size=12)  # one sample per chunk
     b = C.principal_curvatures(model, x, k=2, method="dense", h=1e-3, batch_size=10000)
     torch.testing.assert_close(a.spectrum, b.spectrum)
+
+
+def test_lanczos_runs_on_chunks_of_samples_with_the_numbers_of_one_batch(monkeypatch):
+    """The Lanczos vectors (n_iter per sample, D each) are held for one chunk of ~batch_size / 2
+    samples at a time, not for all N (an ImageNet scan of many inputs), and the chunks change no
+    number: start vectors are drawn for all samples at once."""
+    from pyboundary.geometry.curvature import principal
+
+    model = smooth_mlp(12)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    seen = []
+    real = principal._lanczos
+    monkeypatch.setattr(principal, "_lanczos", lambda op, v0, m, gen: seen.append(v0.shape[0]) or real(op, v0, m, gen))
+    a = C.principal_curvatures(model, x, k=2, h=1e-3, n_iter=8, batch_size=4)
+    assert seen == [2, 2, 2, 1]
+    monkeypatch.undo()
+    b = C.principal_curvatures(model, x, k=2, h=1e-3, n_iter=8, batch_size=10000)
+    for f in ("largest", "smallest", "largest_dirs", "smallest_dirs", "grad_norm"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f))
+    assert a.n_forward == b.n_forward and a.n_backward == b.n_backward
 
 
 def test_zero_gradient_gives_nan_not_a_number():

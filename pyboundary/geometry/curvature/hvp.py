@@ -332,5 +332,7 @@ def _project(v: Tensor, normal: Tensor) -> Tensor:
 
 
 def _random_unit(n, t, d, dtype, device, gen):
-    v = torch.randn(n, t, d, dtype=dtype, device=device, generator=gen)
+    """(n, t, d) uniform unit vectors, t per sample, drawn one sample at a time: drawing for chunks
+    of samples in turn gives the numbers of one draw for all of them."""
+    v = torch.cat([torch.randn(1, t, d, dtype=dtype, device=device, generator=gen) for _ in range(n)])
     return v / v.norm(dim=2, keepdim=True)

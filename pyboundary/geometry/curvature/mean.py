@@ -15,7 +15,6 @@ from ..._utils.model import model_guard
 from ..._utils.results import Result
 from ..._utils.validation import check_choice, check_int, check_model
 from .hvp import (
-    curvature_batch_size,
     DEFAULT_H_REL,
     SCHEMES,
     _fd_setup,
@@ -24,6 +23,7 @@ from .hvp import (
     _random_unit,
     _second_diff_rows,
     check_curvature_inputs,
+    curvature_batch_size,
     logits_rows,
 )
 
@@ -172,14 +172,11 @@ def mean_curvature(
             if bool(((ref < 0) | (ref >= logits.shape[1])).any()):
                 raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {ref.unique().tolist()}")
         cls = _resolve_classes(classes, logits, ref)
-        j = cls.shape[1]
-        u = _random_unit(n, n_dirs, d, x.dtype, x.device, gen)
-        # samples per chunk: (sample, class, direction) rows of a chunk stay within ~batch_size
-        per = max(1, batch_size // (j * (n_dirs if estimator != "trace" else 1)))
+        # samples per chunk: their T directions each are ~batch_size rows (see _mean_curvature_samples)
         parts = [
-            _mean_curvature_chunk(model, flat[sl], u[sl], logits[sl], cls[sl], ref[sl], hs[sl], shape, scheme,
-                                  estimator, batch_size, cost)
-            for sl in chunks(n, per)
+            _mean_curvature_samples(model, flat[sl], logits[sl], cls[sl], ref[sl], hs[sl], shape, scheme,
+                                    estimator, n_dirs, batch_size, cost, gen)
+            for sl in chunks(n, max(1, batch_size // n_dirs))
         ]
     hut, hut_se, trace, gnorm, values = (torch.cat([p[k] for p in parts]) for k in range(5))
     return MeanCurvature(
@@ -197,8 +194,33 @@ def mean_curvature(
     )
 
 
-def _mean_curvature_chunk(model, flat, u, logits, cls, ref, hs, shape, scheme, estimator, batch_size, cost):
-    """Estimates for one chunk of samples: hutchinson, its se, trace, grad norms, values (each (n, J))."""
+def _mean_curvature_samples(model, flat, logits, cls, ref, hs, shape, scheme, estimator, n_dirs, batch_size, cost,
+                            gen):
+    """Estimates for one chunk of n samples (flat (n, D)): hutchinson, its se, trace, grad norms,
+    values (each (n, J)).
+
+    Memory stays within a few (batch_size, D) tensors whatever J (999 other classes of an ImageNet
+    model): the classes are taken in chunks of ~batch_size (sample, class[, direction]) rows. The
+    T directions are drawn per sample (:func:`_random_unit`), so the numbers do not depend on the chunks.
+    """
+    n, d = flat.shape
+    u = _random_unit(n, n_dirs, d, flat.dtype, flat.device, gen)  # (n, T, D)
+    trace_h = None
+    if estimator in ("trace", "both"):
+        trace_h = _hessian_traces(model, flat, u, hs, logits, shape, scheme, batch_size, cost)
+    per = max(1, batch_size // (n * (n_dirs if estimator != "trace" else 1)))
+    parts = [
+        _mean_curvature_classes(model, flat, u, logits, cls[:, sl], ref, hs, trace_h, shape, scheme, estimator,
+                                batch_size, cost)
+        for sl in chunks(cls.shape[1], per)
+    ]
+    return tuple(torch.cat([p[k] for p in parts], 1) for k in range(5))
+
+
+def _mean_curvature_classes(model, flat, u, logits, cls, ref, hs, trace_h, shape, scheme, estimator, batch_size,
+                            cost):
+    """Estimates of _mean_curvature_samples for the classes cls (n, J) of its samples; trace_h: (n, L)
+    Hessian traces of the logits (:func:`_hessian_traces`) or None (no trace form)."""
     n, d = flat.shape
     j = cls.shape[1]
     rows = flat.unsqueeze(1).expand(n, j, d).reshape(-1, d)
@@ -207,16 +229,16 @@ def _mean_curvature_chunk(model, flat, u, logits, cls, ref, hs, shape, scheme, e
     gnorm = grads.norm(dim=1)
     safe = gnorm.clamp_min(torch.finfo(flat.dtype).tiny)
     normal = grads / safe.unsqueeze(1)
+    del grads
     nan = torch.full((n, j), float("nan"), dtype=flat.dtype, device=flat.device)
     hut, hut_se, trace = nan, nan, nan
     if estimator in ("hutchinson", "both"):
         hut, hut_se = _hutchinson(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
-    if estimator in ("trace", "both"):
-        trace = _trace_form(model, flat, u, normal, safe, hs, cls, ref, shape, scheme, batch_size, cost, logits)
+    if trace_h is not None:
+        trace = _trace_form(model, rows, normal, safe, hs, cls, ref, trace_h, shape, scheme, batch_size, cost, logits)
     flat_grad = (gnorm == 0).reshape(n, j)  # no level set: NaN, never a number
     hut, hut_se, trace = (t.masked_fill(flat_grad, float("nan")) for t in (hut, hut_se, trace))
     return hut, hut_se, trace, gnorm.reshape(n, j), values.reshape(n, j)
-
 
 
 def _hutchinson(model, flat, u, normal, gnorm, hs, cls, ref, shape, scheme, batch_size, cost, logits):
@@ -237,21 +259,28 @@ def _hutchinson(model, flat, u, normal, gnorm, hs, cls, ref, shape, scheme, batc
     return est, se
 
 
-def _trace_form(model, flat, u, normal, gnorm, hs, cls, ref, shape, scheme, batch_size, cost, logits):
+def _hessian_traces(model, flat, u, hs, logits, shape, scheme, batch_size, cost):
+    """tr(H_{f_l}) (n, L) of every logit at the samples flat (n, D): D times the mean of u^T H u over
+    their T unit directions u (n, T, D), shared by every class."""
     n, t, d = u.shape
-    j = cls.shape[1]
     rows_u = flat.unsqueeze(1).expand(n, t, d).reshape(-1, d)
     base_u = logits.repeat_interleave(t, 0)
     qu = _second_diff_rows(model, rows_u, u.reshape(-1, d), hs.repeat_interleave(t), shape, scheme,
                            batch_size, cost, base_logits=base_u).reshape(n, t, -1)
-    trace_h_all = d * qu.mean(1)  # (N, L): tr(H_{f_l}) estimates
-    rows_n = flat.unsqueeze(1).expand(n, j, d).reshape(-1, d)
+    return d * qu.mean(1)
+
+
+def _trace_form(model, rows, normal, gnorm, hs, cls, ref, trace_h, shape, scheme, batch_size, cost, logits):
+    """Trace-form mean curvature (n, J) from the (sample, class) rows (n J, D) at the samples, their
+    unit normals (n J, D) and gradient norms (n J,), and the Hessian traces trace_h (n, L)."""
+    n, j = cls.shape
+    d = rows.shape[1]
     base_n = logits.repeat_interleave(j, 0)
-    qn = _second_diff_rows(model, rows_n, normal, hs.repeat_interleave(j), shape, scheme, batch_size,
+    qn = _second_diff_rows(model, rows, normal, hs.repeat_interleave(j), shape, scheme, batch_size,
                            cost, base_logits=base_n)
     ci, cr = cls.reshape(-1), ref.repeat_interleave(j)
     nhn = _pair_values(qn, ci, cr).reshape(n, j)  # n^T H n
-    tr = trace_h_all.gather(1, cls) - trace_h_all.gather(1, ref.unsqueeze(1))
+    tr = trace_h.gather(1, cls) - trace_h.gather(1, ref.unsqueeze(1))
     g = gnorm.reshape(n, j)
     # (g^T H g - tr H |g|^2) / ((D-1) |g|^3) = (n^T H n - tr H) / ((D-1) |g|)
     return (nhn - tr) / ((d - 1) * g)

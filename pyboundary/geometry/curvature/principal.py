@@ -165,6 +165,38 @@ def _boundary_points(model, x, batch_size, deepfool_kwargs):
     return z, ok, adv, orig
 
 
+def _curvatures(model, flat, hs, pi, pj, shape, scheme, batch_size, cost, method, n_iter, k, v0, gen):
+    """Principal curvatures of one chunk of n points flat (n, D) for the pairs (pi, pj) (n,) each:
+    (largest (n, k), smallest (n, k), their directions (n, k, D) each, gradient norms (n,), full
+    spectrum (n, D - 1) for method 'dense' else None). v0: (n, D) Lanczos start vectors (before
+    projection) or None (dense); gen: generator for fresh vectors after a Lanczos breakdown."""
+    n, d = flat.shape
+    _, g0 = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
+    gnorm = g0.norm(dim=1)
+    normal = g0 / gnorm.clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(1)
+    normal = torch.where((gnorm > 0).unsqueeze(1), normal, _unit_e1(n, d, flat))
+    # a zero gradient has no level set: S = 0 there (flagged invalid, reported as NaN)
+    safe = torch.where(gnorm > 0, gnorm, torch.full_like(gnorm, math.inf))
+    op = _ShapeOperator(model, flat, hs, pi, pj, shape, scheme, batch_size, cost, normal, safe,
+                        g0 if scheme == "forward" else None)
+    spectrum = None
+    if method == "dense":
+        vals, vecs = _dense_shape_spectrum(op, normal, n, d)
+        spectrum = vals
+    else:
+        alpha, beta, basis = _lanczos(op, op.project(v0), n_iter, gen)
+        tri = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        vals, y = torch.linalg.eigh(tri)
+        # only the 2 k Ritz vectors reported, not all n_iter
+        y = torch.cat([y[:, :, :k], y[:, :, -k:]], 2)
+        vecs = torch.einsum("nmd,nmr->nrd", basis, y)  # (n, 2 k, D) ascending
+    largest = vals.flip(1)[:, :k]
+    smallest = vals[:, :k]
+    ldirs = vecs.flip(1)[:, :k]
+    sdirs = vecs[:, :k]
+    return largest, smallest, ldirs, sdirs, gnorm, spectrum
+
+
 def principal_curvatures(
     model: Callable,
     x: Tensor,
@@ -242,31 +274,19 @@ def principal_curvatures(
             logits = logits_rows(model, x.reshape(n, d), shape, batch_size, cost)
             pi, pj = _resolve_pair(pair, logits)
         flat = points.reshape(n, d)
-        _, g0 = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
-        gnorm = g0.norm(dim=1)
-        valid = valid & (gnorm > 0)
-        normal = g0 / gnorm.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)
-        normal = torch.where((gnorm > 0).unsqueeze(1), normal, _unit_e1(n, d, x))
-        # a zero gradient has no level set: S = 0 there (flagged invalid, reported as NaN)
-        safe = torch.where(gnorm > 0, gnorm, torch.full_like(gnorm, math.inf))
-        op = _ShapeOperator(model, flat, hs, pi, pj, shape, scheme, batch_size, cost, normal, safe,
-                            g0 if scheme == "forward" else None)
-        spectrum = None
-        if method == "dense":
-            vals, vecs = _dense_shape_spectrum(op, normal, n, d)
-            spectrum = vals
-        else:
-            gen = make_generator(seed, x.device)
-            v0 = op.project(torch.randn(n, d, dtype=x.dtype, device=x.device, generator=gen))
-            alpha, beta, basis = _lanczos(op, v0, n_iter, gen)
-            tri = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-            ritz, y = torch.linalg.eigh(tri)
-            vals = ritz
-            vecs = torch.einsum("nmd,nmr->nrd", basis, y)  # (N, m, D) ascending
-    largest = vals.flip(1)[:, :k]
-    smallest = vals[:, :k]
-    ldirs = vecs.flip(1)[:, :k]
-    sdirs = vecs[:, :k]
+        gen = make_generator(seed, x.device)
+        # drawn for all samples at once, so the start vectors do not depend on the chunks
+        v0 = torch.randn(n, d, dtype=x.dtype, device=x.device, generator=gen) if method == "lanczos" else None
+        # samples per chunk: one matrix-vector product is ~batch_size rows ('central': 2 per sample),
+        # and the chunk's Lanczos vectors (n_iter per sample) are all that is held
+        parts = [
+            _curvatures(model, flat[sl], hs[sl], pi[sl], pj[sl], shape, scheme, batch_size, cost, method, n_iter,
+                        k, None if v0 is None else v0[sl], gen)
+            for sl in chunks(n, max(1, batch_size // 2))
+        ]
+    largest, smallest, ldirs, sdirs, gnorm = (torch.cat([q[i] for q in parts]) for i in range(5))
+    spectrum = torch.cat([q[5] for q in parts]) if method == "dense" else None
+    valid = valid & (gnorm > 0)
     nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
     mask = valid.unsqueeze(1)
     largest, smallest = torch.where(mask, largest, nan), torch.where(mask, smallest, nan)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..._utils.batching import resolve_batch_size
+from ..._utils.batching import chunks, resolve_batch_size
 from ..._utils.model import model_guard
 from ..._utils.results import Result
 from ..._utils.rng import make_generator
@@ -148,24 +148,38 @@ def relative_curvature(
     with model_guard(model):
         logits = logits_rows(model, flat, shape, batch_size, cost)
         pi, pj = _resolve_pair(pair, logits)
-        _, g = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
-        gnorm = g.norm(dim=1).clamp_min(torch.finfo(xs.dtype).tiny)
-        normal = g / gnorm.unsqueeze(1)
-        v = _project(_random_unit(n, n_dirs, d, xs.dtype, xs.device, gen), normal)
-        v = v / v.norm(dim=2, keepdim=True)
-        pu = _project(basis.T.unsqueeze(0).expand(n, m, d), normal)  # (N, m, D)
-        pun = pu.norm(dim=2)
-        dirs = torch.cat([pu / pun.clamp_min(1e-30).unsqueeze(2), v], 1)  # (N, m + T, D)
         r = m + n_dirs
-        rows = flat.unsqueeze(1).expand(n, r, d).reshape(-1, d)
-        q = _second_diff_rows(model, rows, dirs.reshape(-1, d), hs.repeat_interleave(r), shape, scheme,
-                              batch_size, cost, base_logits=logits.repeat_interleave(r, 0))
-        form = (-_pair_values(q, pi.repeat_interleave(r), pj.repeat_interleave(r))).reshape(n, r) / gnorm.unsqueeze(1)
+        # samples per chunk: their (m + T) directions each are ~batch_size rows
+        parts = [_directional_forms(model, flat[sl], logits[sl], pi[sl], pj[sl], hs[sl], basis, n_dirs, shape,
+                                    scheme, batch_size, cost, gen) for sl in chunks(n, max(1, batch_size // r))]
+    form, pun = (torch.cat([q[i] for q in parts]) for i in range(2))
     directional = form[:, :m] * pun**2
     rand = form[:, m:].abs().mean(1)
     rho = directional.abs() / rand.unsqueeze(1)
     return RelativeCurvature(rho=rho, mean=rho.mean(0), directional=directional, random_mean_abs=rand,
                              **cost.counts())
+
+
+def _directional_forms(model, flat, logits, pi, pj, hs, basis, n_dirs, shape, scheme, batch_size, cost, gen):
+    """For samples flat (n, D): w^T S w (n, m + T) along the tangent parts of the basis columns
+    (normalised; m = basis.shape[1]) and along T random unit tangent directions, and the norms
+    (n, m) of those tangent parts."""
+    n, d = flat.shape
+    m = basis.shape[1]
+    _, g = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
+    gnorm = g.norm(dim=1).clamp_min(torch.finfo(flat.dtype).tiny)
+    normal = g / gnorm.unsqueeze(1)
+    v = _project(_random_unit(n, n_dirs, d, flat.dtype, flat.device, gen), normal)
+    v = v / v.norm(dim=2, keepdim=True)
+    pu = _project(basis.T.unsqueeze(0).expand(n, m, d), normal)  # (n, m, D)
+    pun = pu.norm(dim=2)
+    dirs = torch.cat([pu / pun.clamp_min(1e-30).unsqueeze(2), v], 1)  # (n, m + T, D)
+    r = m + n_dirs
+    rows = flat.unsqueeze(1).expand(n, r, d).reshape(-1, d)
+    q = _second_diff_rows(model, rows, dirs.reshape(-1, d), hs.repeat_interleave(r), shape, scheme,
+                          batch_size, cost, base_logits=logits.repeat_interleave(r, 0))
+    form = (-_pair_values(q, pi.repeat_interleave(r), pj.repeat_interleave(r))).reshape(n, r) / gnorm.unsqueeze(1)
+    return form, pun
 
 
 def subspace_fraction(v: Tensor, U) -> Tensor:
