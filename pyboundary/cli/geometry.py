@@ -77,6 +77,10 @@ def register(sub) -> None:
                       help="evaluate at the input or at its DeepFool boundary point (default input)")
     curv.add_argument("--profile-samples", type=nonnegative_int, default=4,
                       help="inputs averaged in the profile plot (dense, D <= 4096; 0 = no plot)")
+    curv.add_argument("--top-classes", type=_top_classes, default="auto",
+                      help="other classes of the mean curvature: N (the N most likely), 'all', or 'auto' "
+                           f"(default: all when the model has at most {AUTO_TOP_CLASSES + 1} classes, else the "
+                           f"{AUTO_TOP_CLASSES} most likely; each costs 3 model rows per input)")
     curv.set_defaults(func=cmd_curvature)
 
     topo = sub.add_parser(
@@ -159,7 +163,7 @@ def cmd_curvature(args) -> int:
     x = data.x.to(args.device)
     report = curvature_report(model, x, k=args.k, n_dirs=args.n_dirs, h_rel=args.h_rel, scheme=args.scheme,
                               at=args.at, profile_samples=args.profile_samples, seed=args.seed,
-                              batch_size=args.batch_size)
+                              top_classes=args.top_classes, batch_size=args.batch_size)
     report.settings.update(model=args.model, data=args.data, split=args.split)
     print(f"pyboundary curvature: model {args.model}, data {args.data}/{args.split} ({x.shape[0]} inputs, "
           f"at={args.at}, h_rel={args.h_rel}, scheme={args.scheme})")

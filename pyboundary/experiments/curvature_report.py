@@ -14,8 +14,10 @@ from torch import Tensor
 from .._utils.plotting import pyplot, save_figure
 from .._utils.results import Result, to_numpy_value
 from .._utils.stats import summarize
+from .._utils.validation import check_int
 from ..geometry.curvature import DEFAULT_H_REL, mean_curvature, principal_curvatures
 from ..geometry.curvature.hvp import check_curvature_inputs
+from ..geometry.detection import AUTO_TOP_CLASSES
 
 __all__ = ["CurvatureReport", "curvature_report"]
 
@@ -23,6 +25,11 @@ _ROWS = (("largest", "largest principal curvature (runner-up boundary)"),
          ("smallest", "smallest principal curvature (runner-up boundary)"),
          ("mean_runner_up", "mean curvature (runner-up boundary)"),
          ("mean_all", "mean curvature (mean over other classes)"))
+
+
+def _mean_all_label(classes) -> str:
+    """The label of the mean over other classes: all of them, or (an int) the most likely ones."""
+    return _ROWS[-1][1] if classes is None else f"mean curvature (mean over the {classes} most likely others)"
 
 
 @dataclass
@@ -34,11 +41,13 @@ class CurvatureReport(Result):
         largest, smallest, mean_runner_up, mean_all: :func:`pyboundary._utils.stats.summarize`
             dicts of, per input, the largest and the smallest principal curvature of the boundary
             with the runner-up class (Lanczos), the mean curvature of that boundary and the mean
-            over all other classes (trace form, always at x).
+            over the other classes (all, or the ``settings['classes']`` most likely; trace form,
+            always at x).
         profile: (D - 1,) ascending principal curvatures of the runner-up boundary averaged over
             the first ``profile_samples`` inputs (dense), or None.
         forward_per_input, backward_per_input: model rows spent per input.
-        settings: n, k, at, h_rel, scheme, n_dirs (and whatever the caller adds, e.g. model, data).
+        settings: n, k, at, h_rel, scheme, n_dirs, classes (None: all other classes; an int: that
+            many most likely) and whatever the caller adds (e.g. model, data).
     """
 
     largest: dict
@@ -60,6 +69,8 @@ class CurvatureReport(Result):
     def format_summary(self) -> str:
         lines = [f"{'statistic':<52} {'median':>11} {'p5':>11} {'p95':>11} {'mean':>11} {'se':>10} {'n':>5}"]
         for key, label in _ROWS:
+            if key == "mean_all":
+                label = _mean_all_label(self.settings.get("classes"))
             s = getattr(self, key)
             lines.append(f"{label:<52} {s['median']:>11.4g} {s['p5']:>11.4g} {s['p95']:>11.4g} {s['mean']:>11.4g} "
                          f"{s['se']:>10.3g} {s['n_converged']:>5d}")
@@ -92,15 +103,18 @@ class CurvatureReport(Result):
 
 def curvature_report(model: Callable, x: Tensor, *, k: int = 5, n_dirs: int = 20, h_rel: float = DEFAULT_H_REL,
                      scheme: str = "central", at: str = "input", profile_samples: int = 4, seed: int = 0,
-                     batch_size: int | None = None) -> CurvatureReport:
+                     top_classes="auto", batch_size: int | None = None) -> CurvatureReport:
     """Curvature statistics of ``model`` at inputs x (N, *shape).
 
     Args:
         k: principal curvatures at each end (Lanczos); n_dirs: random directions of the mean
             curvature; h_rel, scheme: finite differences; at: 'input' or 'boundary' (the DeepFool
             boundary point) for the principal curvatures; profile_samples: inputs averaged in the
-            dense profile (0: none; skipped for D > 4096); seed: random directions; batch_size:
-            input rows per model call (None: automatic).
+            dense profile (0: none; skipped for D > 4096); seed: random directions; top_classes:
+            the other classes of the mean curvature: None (all), k (the k most likely) or 'auto'
+            (all when L - 1 <= :data:`~pyboundary.geometry.detection.AUTO_TOP_CLASSES`, else that
+            many most likely: each class costs 1 reverse and 2 forward rows per input, 3000 rows on
+            ImageNet for all 999); batch_size: input rows per model call (None: automatic).
     Returns:
         :class:`CurvatureReport`.
     """
@@ -108,8 +122,11 @@ def curvature_report(model: Callable, x: Tensor, *, k: int = 5, n_dirs: int = 20
     n, d = x.shape[0], x[0].numel()
     pc = principal_curvatures(model, x, k=min(k, d - 1), at=at, h_rel=h_rel, scheme=scheme, seed=seed,
                               batch_size=batch_size)
-    mc = mean_curvature(model, x, n_dirs=n_dirs, h_rel=h_rel, scheme=scheme, estimator="trace", seed=seed,
-                        batch_size=batch_size)
+    if not (isinstance(top_classes, str) and top_classes == "auto"):
+        top_classes = check_int("top_classes", top_classes, minimum=1, allow_none=True)
+    mc = mean_curvature(model, x, classes=AUTO_TOP_CLASSES if top_classes == "auto" else top_classes, n_dirs=n_dirs, h_rel=h_rel, scheme=scheme, estimator="trace",
+                        seed=seed, batch_size=batch_size)
+    classes = None if mc.classes.shape[1] == mc.n_classes - 1 else int(mc.classes.shape[1])
     runner = mc.values.argmax(1, keepdim=True)  # largest F_i = f_i - f_pred: the runner-up class
     fw, bw = pc.n_forward + mc.n_forward, pc.n_backward + mc.n_backward
     profile = None
@@ -130,5 +147,5 @@ def curvature_report(model: Callable, x: Tensor, *, k: int = 5, n_dirs: int = 20
         forward_per_input=fw / n,
         backward_per_input=bw / n,
         settings={"n": n, "k": int(pc.largest.shape[1]), "at": at, "h_rel": h_rel, "scheme": scheme,
-                  "n_dirs": n_dirs},
+                  "n_dirs": n_dirs, "classes": classes},
     )

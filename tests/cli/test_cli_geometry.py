@@ -76,3 +76,33 @@ def test_curvature_cli_bad_arguments(toy, capsys, argv, message):
 def test_curvature_cli_rejects_bad_limit(toy, capsys):
     assert cli.main(["curvature", "--model", "q", "--data", "toy", "--limit", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_curvature_top_classes_of_a_many_class_model(monkeypatch, tmp_path, capsys):
+    """--top-classes: the mean over the other classes is over the N most likely ('auto': 10 when the
+    model has more than 11 classes, as the detector; 'all': every other class), labelled so, and
+    equals mean_curvature's trace form over the same classes."""
+    from torch import nn
+
+    from pyboundary import zoo
+    from pyboundary.geometry.curvature import mean_curvature
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 16), nn.Tanh(), nn.Linear(16, 30)).double()
+    monkeypatch.setattr(zoo, "load_model", lambda spec, **kw: net)
+    monkeypatch.setattr(zoo, "load_dataset", lambda name, split="test", limit=None, seed=0: DS(limit))
+    base = ["curvature", "--model", "m", "--data", "toy", "--limit", "4", "--k", "1", "--n-dirs", "4",
+            "--profile-samples", "0", "--h-rel", "0.05"]
+    x = DS(4).x
+    for flag, classes, label in ((["--top-classes", "3"], 3, "mean over the 3 most likely others"),
+                                 ([], 10, "mean over the 10 most likely others"),
+                                 (["--top-classes", "all"], None, "mean over other classes")):
+        out_dir = tmp_path / str(classes)
+        assert cli.main([*base, *flag, "--out", str(out_dir)]) == 0
+        assert label in capsys.readouterr().out
+        rep = json.loads((out_dir / "curvature.json").read_text())
+        assert rep["classes"] == classes
+        mc = mean_curvature(net, x, classes=classes, n_dirs=4, h_rel=0.05, estimator="trace", seed=0)
+        assert mc.classes.shape[1] == (29 if classes is None else classes)
+        assert rep["mean_all"]["mean"] == pytest.approx(float(mc.trace.mean(1).mean()), rel=1e-9)
+        assert rep["forward_per_input"] > 3 * mc.classes.shape[1]  # 3 rows per class (gradient, 2 differences)
