@@ -103,7 +103,7 @@ def check_in_box(name: str, x: Tensor, clamp: tuple[float, float] | None) -> Non
     """ValueError when some row of x (N, ...) has a value outside the box ``clamp`` = (lo, hi)
     (nothing to check for None): a search kept in the box cannot start outside it, and its
     "margin" would include the move into the box."""
-    if clamp is None:
+    if clamp is None or x.shape[0] == 0:
         return
     lo, hi = clamp
     bad = ((x < lo) | (x > hi)).reshape(x.shape[0], -1).any(1)

@@ -297,6 +297,7 @@ class _Ctx:
     prune_choices: int = 0
     prune_mismatch: int = 0
     trace: list = field(default_factory=list)
+    batched_ok: bool = False  # a batched reverse pass (grad_strategy="batched") has worked with this model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +363,11 @@ def _gradients(ctx: _Ctx, xa: Tensor, gap: Tensor, mask: Tensor | None) -> Tenso
         eye = torch.eye(J, dtype=gap.dtype, device=gap.device)
         go = eye.unsqueeze(1).expand(J, gap.shape[0], J)
         try:
-            (g,) = torch.autograd.grad(gap, xa, grad_outputs=go, is_grads_batched=True)
+            # until one batched pass has worked, keep the graph: a failed one may have freed it,
+            # and the loop below needs it
+            (g,) = torch.autograd.grad(gap, xa, grad_outputs=go, is_grads_batched=True,
+                                       retain_graph=not ctx.batched_ok)
+            ctx.batched_ok = True
             ctx.n_backward += 1
             return g
         except RuntimeError:
@@ -760,7 +765,9 @@ def _box_step(ctx: _Ctx, ch: _Chunk, ar: Tensor, gap: Tensor, gc: Tensor, step: 
     """
     n, _, M = gc.shape
     b = _box_gain(gap)
-    first = (ch.r[ar] == 0).all(-1, keepdim=True)  # (n, 1): the step from the clean input
+    # (n, 1): the step from the clean input, when it is not the only step allowed (max_iter=1, e.g.
+    # foolbox's steps=1: then the full way, or the single step could never reach the boundary)
+    first = (ch.r[ar] == 0).all(-1, keepdim=True) & (ctx.max_iter > 1)
     first_fraction = _CLAMP_LINF_FIRST_FRACTION if math.isinf(ctx.p) else _CLAMP_L2_FIRST_FRACTION
     frac = torch.where(first, first_fraction, 1.0)
     # the class is chosen on the full linearised gap (exact on affine models), the first step then

@@ -475,7 +475,7 @@ class _Source:
     def images(self, samples) -> Tensor:
         """(k, C, H, W) the images of ``samples`` (read directly, for the memory probe)."""
         if not self.streamed:
-            return self.data[torch.as_tensor(samples)]
+            return self.data[torch.as_tensor(samples, dtype=torch.int64)]
         return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in samples])
 
 
@@ -854,7 +854,7 @@ def _batch_grid(n: int, n_members: int, batch_size: int, shard) -> list:
     """
     s = torch.arange(n).repeat_interleave(n_members)
     j = torch.arange(n_members).repeat(n)
-    batches = list(torch.stack([s, j], 1).split(batch_size))
+    batches = [b for b in torch.stack([s, j], 1).split(max(batch_size, 1)) if b.shape[0]]
     if shard is not None:
         rank, world = shard
         batches = batches[rank::world]

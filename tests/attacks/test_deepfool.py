@@ -260,6 +260,34 @@ def test_trained_nets(net, p, digits, request):
     assert res.n_backward < full.n_backward
 
 
+def test_batched_strategy_falls_back_to_the_loop_on_a_model_vmap_cannot_batch():
+    """A backward that vmap cannot batch (here: it reads a value with .item()) makes the batched
+    strategy fall back to the loop, on the same graph: the failed batched pass must not free it."""
+
+    class ReadingRelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            ctx.save_for_backward(z)
+            return z.clamp_min(0)
+
+        @staticmethod
+        def backward(ctx, g):
+            float(g.abs().max())  # .item() inside backward: not batchable by vmap
+            return g * (ctx.saved_tensors[0] > 0)
+
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(12, 16).double(), nn.Linear(16, 5).double()
+
+    def model(z):
+        return lin2(ReadingRelu.apply(lin1(z)))
+
+    x = torch.randn(6, 12, dtype=torch.float64)
+    loop = deepfool(model, x, grad_strategy="loop")
+    batched = deepfool(model, x, grad_strategy="batched")
+    torch.testing.assert_close(batched.margin, loop.margin)
+    assert bool(batched.converged.all())
+
+
 def test_batched_vs_one_at_a_time(cnn, digits):
     x = digits[0][1600:1610]
     batched = deepfool(cnn, x, prune=False)
@@ -332,6 +360,21 @@ def _box_linf_closed_form(model, x, lo, hi, push=0.0):
         reachable = (w * room).sum(2) >= F
         t = torch.where(reachable & (F > 0), t_hi, torch.full_like(t_hi, math.inf))
         return t.min(1).values
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_one_step_with_a_box_reaches_an_affine_boundary(p):
+    """max_iter=1 (foolbox / torchattacks steps=1) with a clamp: the only step goes the whole way
+    (the first step of a longer run aims short of the linearised boundary); on an affine model
+    inside the box it flips every sample, as without the box."""
+    model, x = _affine(D=30, L=4, N=16, seed=3)
+    x = 0.25 + 0.5 * torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    one = deepfool(model, x, p=p, clamp=(0.0, 1.0), max_iter=1)
+    assert bool(one.converged.all())
+    with torch.no_grad():
+        assert bool((model(x + one.perturbation).argmax(1) != one.orig_label).all())
+    many = deepfool(model, x, p=p, clamp=(0.0, 1.0))
+    torch.testing.assert_close(one.margin, many.margin, rtol=1e-3, atol=0)
 
 
 def test_affine_clamp_linf_box_closed_form():
@@ -505,6 +548,8 @@ def test_bad_inputs(mlp, digits):
         deepfool(mlp, x, p="inf", subspace=d, subspace_index=torch.ones(4, dtype=torch.int64))
     empty = deepfool(mlp, x[:0])
     assert empty.margin.shape == (0,)
+    boxed = deepfool(mlp, x[:0].clamp(0, 1), clamp=(0.0, 1.0))  # nothing to check against the box
+    assert boxed.margin.shape == (0,) and boxed.perturbation.shape == (0, *x.shape[1:])
 
 
 @pytest.mark.cuda

@@ -64,6 +64,18 @@ def test_affine_margins_match_closed_form():
     assert scan.subspace_labels == ["(0,0)", "(2,2)", "(4,4)"]
 
 
+def test_a_scan_of_no_samples_is_an_empty_scan(tmp_path):
+    """No samples (e.g. a shard or a filtered dataset that came out empty): an empty scan, in
+    memory and stored, not an error from deep inside."""
+    model, x = Affine((1, 8, 8)), _data()[:0]
+    fam = DCTDiagonal((1, 8, 8), K=4, T=2)
+    scan = margin_scan(model, x, fam, progress=False)
+    assert scan.margins.shape == (0, 3)
+    assert "0 samples" in scan.format_summary()
+    stored = margin_scan(model, x, fam, progress=False, store=tmp_path / "st")
+    assert stored.margins.shape == (0, 3)
+
+
 def test_one_engine_call_per_mixed_batch(monkeypatch):
     model, x = Affine((1, 8, 8)), _data(n=10)
     real = margins_mod._engine()
