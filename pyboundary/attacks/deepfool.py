@@ -320,7 +320,8 @@ def _resolve_space(subspace, subspace_index, x, p):
         return FullSpace(x.shape[1:]), torch.zeros(n, dtype=torch.int64, device=x.device)
     if not isinstance(subspace, Subspace):
         raise TypeError(f"subspace must be a pyboundary Subspace or None, got {type(subspace).__name__}")
-    if tuple(x.shape[1:]) != subspace.image_shape:
+    view = subspace.for_input_shape(x.shape[1:])
+    if view is None:
         raise ValueError(
             f"x has per-sample shape {tuple(x.shape[1:])} but the subspace {subspace.spec_or_name()} "
             f"expects {subspace.image_shape}"
@@ -329,7 +330,9 @@ def _resolve_space(subspace, subspace_index, x, p):
         check_index_tensor("subspace_index", subspace_index, n, x.device)
     idx = subspace._check_idx(subspace_index, n, x.device)
     subspace.check_p(p, idx)
-    return subspace, idx
+    if isinstance(subspace, FullSpace):
+        return FullSpace(x.shape[1:]), idx
+    return view, idx
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,6 +137,38 @@ class Subspace:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec_or_name()!r}, image_shape={self.image_shape})"
 
+    def for_input_shape(self, shape) -> Subspace | None:
+        """This family for inputs of per-sample ``shape``: itself when shape is its image_shape;
+        for (H, W) inputs of a (1, H, W) family (2-D inputs are one-channel images here), a view
+        whose _analysis / _synthesis take and give (n, H, W) with the same coordinates (one per
+        family and shape, so callers that key caches on it see one object); else None."""
+        shape = tuple(int(s) for s in shape)
+        if shape == self.image_shape:
+            return self
+        if len(shape) != 2 or (1,) + shape != self.image_shape:
+            return None
+        views = self.__dict__.setdefault("_input_views", {})
+        if shape not in views:
+            views[shape] = _InputShapeView(self, shape)
+        return views[shape]
+
+
+class _InputShapeView:
+    """A subspace family seen through inputs of another per-sample shape of the same size
+    (:meth:`Subspace.for_input_shape`): everything but the image shape is the family's."""
+
+    def __init__(self, family: Subspace, shape: tuple):
+        self.family, self.image_shape = family, shape
+
+    def __getattr__(self, name):
+        return getattr(self.family, name)
+
+    def _analysis(self, x: Tensor, idx: Tensor) -> Tensor:
+        return self.family._analysis(x.reshape((x.shape[0],) + self.family.image_shape), idx)
+
+    def _synthesis(self, coeffs: Tensor, idx: Tensor) -> Tensor:
+        return self.family._synthesis(coeffs, idx).reshape((coeffs.shape[0],) + self.image_shape)
+
 
 class FullSpace(Subspace):
     """The whole input space: one member, coordinates = the flattened input (dim D).

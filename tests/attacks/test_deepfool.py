@@ -288,6 +288,38 @@ def test_batched_strategy_falls_back_to_the_loop_on_a_model_vmap_cannot_batch():
     assert bool(batched.converged.all())
 
 
+def test_two_dimensional_inputs_in_subspaces_are_one_channel_images():
+    """Inputs (N, H, W): a subspace family of (H, W) images is one of (1, H, W) images; the margins
+    and perturbations (in x's shape) are those of the (N, 1, H, W) inputs, for DCT blocks, random
+    subspaces, the tight mode and a margin scan."""
+    from pyboundary.scans.margins import margin_scan
+    from pyboundary.subspaces import RandomSubspaces, parse_subspaces
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 63, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+
+    def model(z):
+        return z.reshape(z.shape[0], -1) @ w.T + b
+
+    x = torch.rand(6, 7, 9, generator=g, dtype=torch.float64)
+    for fam in (parse_subspaces("dct:K=4,T=1", (7, 9)), RandomSubspaces((7, 9), dim=5, n=2)):
+        assert fam.image_shape == (1, 7, 9)
+        idx = torch.arange(6) % fam.n_members
+        for tight in (False, True):
+            flat = deepfool(model, x, subspace=fam, subspace_index=idx, tight=tight)
+            chan = deepfool(model, x.unsqueeze(1), subspace=fam, subspace_index=idx, tight=tight)
+            assert flat.perturbation.shape == x.shape
+            torch.testing.assert_close(flat.margin, chan.margin)
+            torch.testing.assert_close(flat.perturbation, chan.perturbation.squeeze(1))
+            assert bool((model(x + flat.perturbation).argmax(1) != flat.orig_label).all())
+    scan = margin_scan(model, x, "dct:K=4,T=1", progress=False, model_name="affine")
+    torch.testing.assert_close(scan.margins, margin_scan(model, x.unsqueeze(1), "dct:K=4,T=1", progress=False,
+                                                         model_name="affine").margins)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        deepfool(model, x.reshape(6, 9, 7), subspace=parse_subspaces("dct:K=4,T=1", (7, 9)),
+                 subspace_index=torch.zeros(6, dtype=torch.int64))
+
+
 def test_batched_vs_one_at_a_time(cnn, digits):
     x = digits[0][1600:1610]
     batched = deepfool(cnn, x, prune=False)
