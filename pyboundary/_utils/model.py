@@ -32,12 +32,26 @@ def model_guard(model: Callable, *, eval_mode: bool = True) -> Iterator[Callable
     # under which torch.enable_grad() alone would not record a graph. inference_mode(False)
     # switches grad mode on, so the caller's grad mode is put back explicitly.
     grad_enabled = torch.is_grad_enabled()
-    with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled):
+    with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled), _reusable_compiled_graphs():
         if not isinstance(model, nn.Module):
             yield model
             return
         with _frozen(model, eval_mode):
             yield model
+
+
+def _reusable_compiled_graphs():
+    """torch.compile's backward graphs donate their buffers unless told not to, and then refuse a
+    second reverse pass through one forward (retain_graph=True): the engine differentiates several
+    candidates per forward. Graphs compiled inside the block keep their buffers (a no-op for
+    models that are not compiled, and on torch versions without the option)."""
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover - torch without functorch
+        return contextlib.nullcontext()
+    if not hasattr(config, "donated_buffer"):  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return config.patch(donated_buffer=False)
 
 
 @contextlib.contextmanager

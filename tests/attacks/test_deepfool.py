@@ -639,6 +639,30 @@ def test_runs_inside_inference_mode_and_keeps_callers_grad_mode():
             assert not torch.is_grad_enabled()
 
 
+def test_compiled_graphs_keep_their_buffers_inside_the_guard():
+    """Inside model_guard torch.compile builds backward graphs that allow several reverse passes
+    through one forward (donated buffers forbid them; the engine differentiates several candidates
+    per forward), and the caller's setting is back afterwards."""
+    from torch._functorch import config
+
+    before = config.donated_buffer
+    with utils.model_guard(nn.Linear(3, 2)):
+        assert config.donated_buffer is False
+    assert config.donated_buffer == before
+
+
+@pytest.mark.slow
+def test_a_torch_compiled_model_runs_every_engine_path():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                        nn.Linear(128, 10)).eval()
+    compiled = torch.compile(net)
+    x = torch.rand(4, 3, 12, 12)
+    for kwargs in ({}, {"tight": True}, {"grad_strategy": "batched"}):
+        res = deepfool(compiled, x, **kwargs)
+        torch.testing.assert_close(res.margin, deepfool(net, x, **kwargs).margin, rtol=1e-3, atol=1e-5)
+
+
 def test_float64_input_to_float32_model_is_a_clear_type_error():
     model, x = _affine(D=12, L=4, N=6)
     model = model.float()
