@@ -51,10 +51,10 @@ def engine_options(*, steps, candidates, overshoot, deepfool_kwargs, engine: Cal
     if not isinstance(extra, Mapping):
         raise TypeError(f"deepfool_kwargs must be a dict or None, got {type(extra).__name__}")
     params = inspect.signature(engine).parameters
-    unknown = sorted(k for k in extra if k not in params)
+    unknown = sorted(k for k in extra if k not in params or k.startswith("_"))
     if unknown:
         raise TypeError(f"deepfool_kwargs: unknown engine option(s) {unknown}; engine options are "
-                        f"{sorted(set(params) - _SET_BY_ADAPTER - set(_NAMED))}")
+                        f"{sorted(k for k in set(params) - _SET_BY_ADAPTER - set(_NAMED) if not k.startswith('_'))}")
     taken = sorted(k for k in extra if k in _SET_BY_ADAPTER or k in _NAMED)
     if taken:
         named = {k: _NAMED[k] for k in taken if k in _NAMED}

@@ -66,6 +66,7 @@ and the first candidate gradients (computed in the whole space, then analysed pe
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -1076,7 +1077,7 @@ def deepfool(
             None = the whole space.
         subspace_index: (N,) int64 member of the family per sample (needed unless it has one member).
         candidates: number of top classes of the clean logits considered, the reference included
-            (>= 2; all classes if the model has fewer).
+            (>= 2; all classes if the model has fewer; None: all classes).
         overshoot: the accumulated perturbation is scaled by (1 + overshoot).
         max_iter: DeepFool steps before a sample is declared failed (margin inf).
         refine: bracket the boundary along the final perturbation (see module docstring).
@@ -1137,7 +1138,8 @@ def deepfool(
     n = x.shape[0]
     labels = check_index_tensor("labels", labels, n, x.device)
     target = check_index_tensor("target", target, n, x.device)
-    candidates = check_int("candidates", candidates, minimum=2)
+    candidates = check_int("candidates", candidates, minimum=2, allow_none=True)
+    n_cand = sys.maxsize if candidates is None else candidates  # the engine takes min(n_cand, L)
     max_iter = check_int("max_iter", max_iter, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
     noise_retries = check_int("noise_retries", noise_retries, minimum=0)
@@ -1171,10 +1173,10 @@ def deepfool(
     strategy = _resolve_strategy(grad_strategy, x.device)
     ctx = _Ctx(model=model, p=p, space=space, overshoot=float(overshoot), max_iter=max_iter,
                refine=bool(refine), tol=float(tol), clamp=clamp, strategy=strategy, prune=prune,
-               n_cand=candidates, noise_retries=noise_retries, noise_scale=float(noise_scale),
+               n_cand=n_cand, noise_retries=noise_retries, noise_scale=float(noise_scale),
                gen=make_generator(seed, x.device),
                whole_space=whole_space, tight=bool(tight), tight_steps=tight_steps,
-               class_estimates=bool(tight_classes) and candidates > 2)
+               class_estimates=bool(tight_classes) and n_cand > 2)
 
     def chunk(c: _Ctx, s: int, e: int) -> dict:
         return _run_chunk(c, x[s:e], idx[s:e], None if labels is None else labels[s:e],

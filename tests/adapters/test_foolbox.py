@@ -168,8 +168,11 @@ def test_refusals(setup):
         pbfb.L2DeepFoolAttack(deepfool_kwargs={"clamp": (0, 1)})
     with pytest.raises(TypeError, match=r"pass them as \{'max_iter': 'steps'\}"):
         pbfb.L2DeepFoolAttack(deepfool_kwargs={"max_iter": 3})
-    with pytest.raises(TypeError, match="unknown engine option"):
+    with pytest.raises(TypeError, match="unknown engine option") as err:
         pbfb.L2DeepFoolAttack(deepfool_kwargs={"stepsize": 3})
+    assert "_calls" not in str(err.value) and "'refine'" in str(err.value)  # private arguments are not options
+    with pytest.raises(TypeError, match="unknown engine option"):
+        pbfb.L2DeepFoolAttack(deepfool_kwargs={"_calls": None})
 
     class Custom(fb.criteria.Criterion):
         def __call__(self, perturbed, outputs):

@@ -560,6 +560,8 @@ def test_bad_inputs(mlp, digits):
         deepfool(mlp, x, candidates=0)
     with pytest.raises(ValueError, match="candidates must be >= 2"):
         deepfool(mlp, x, candidates=1)
+    every = deepfool(mlp, x, candidates=None)  # None: all classes
+    torch.testing.assert_close(every.margin, deepfool(mlp, x, candidates=mlp(x).shape[1]).margin)
     with pytest.raises(ValueError, match=r"shape \(N, L\) = \(4, L\)"):
         deepfool(lambda z: mlp(z)[:2], x)
     with pytest.raises(ValueError, match="grad_strategy"):

@@ -419,3 +419,16 @@ def test_mean_curvature_classes_as_a_count_takes_the_most_likely_others():
     assert bool((other.classes != labels.unsqueeze(1)).all())
     with pytest.raises(ValueError, match="classes"):
         C.mean_curvature(model, x, classes=0)
+
+
+def test_a_float64_input_to_a_float32_model_is_a_clear_type_error():
+    from pyboundary.geometry.detection import CurvatureDetector
+
+    model = smooth_mlp(8).float()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    calls = (lambda: C.mean_curvature(model, x, n_dirs=2), lambda: C.principal_curvatures(model, x, k=1),
+             lambda: C.hessian_vector_product(model, x, torch.randn(6, 1, 8, dtype=torch.float64), pair=(0, 1)),
+             lambda: CurvatureDetector(model, n_dirs=2).score(x))
+    for call in calls:
+        with pytest.raises(TypeError, match=r"x of dtype torch.float64.*parameters are torch.float32"):
+            call()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..._utils.batching import DEFAULT_BATCH_SIZE, chunks, plan_batch_size
-from ..._utils.model import check_logits, model_guard
+from ..._utils.model import check_logits, explain_dtype_errors, model_guard
 from ..._utils.rng import make_generator
 from ..._utils.validation import check_choice, check_finite, check_inputs, check_model
 
@@ -83,15 +83,22 @@ def _fd_setup(x: Tensor, d: int, h, h_rel: float, seed):
     return finite_difference_step(x, h, h_rel), RowCost(), x.reshape(x.shape[0], d), make_generator(seed, x.device)
 
 
+def _logits(model, xb: Tensor) -> Tensor:
+    """The model's checked logits (B, L) at a batch xb (B, *shape): the curvature code's one model
+    call (a float32 / float64 mix is reported as a TypeError saying what to convert)."""
+    with explain_dtype_errors(model, xb):
+        out = model(xb)
+    check_logits(out, xb.shape[0])
+    return out
+
+
 def logits_rows(model, rows: Tensor, shape, batch_size: int, cost: RowCost) -> Tensor:
     """Logits (R, L) of flattened rows (R, D), no graph."""
     outs = []
     with torch.no_grad():
         for sl in chunks(rows.shape[0], batch_size):
             xb = rows[sl].reshape(-1, *shape)
-            out = model(xb)
-            check_logits(out, xb.shape[0])
-            outs.append(out.detach())
+            outs.append(_logits(model, xb).detach())
             cost.forward += xb.shape[0]
     return torch.cat(outs).to(rows.dtype)
 
@@ -108,8 +115,7 @@ def _pair_grad(model, rows: Tensor, i: Tensor, j: Tensor, shape, create_graph: b
     """
     xb = rows.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = model(xb.reshape(-1, *shape))
-        check_logits(out, xb.shape[0])
+        out = _logits(model, xb.reshape(-1, *shape))
         f = _pair_values(out, i, j)
         (g,) = torch.autograd.grad(f.sum(), xb, create_graph=create_graph)
     return xb, f, g
@@ -228,8 +234,7 @@ def _exact_second_rows(model, rows, u, shape, batch_size, cost):
         xb = rows[sl].detach().clone().requires_grad_(True)
         ub = u[sl].to(rows.dtype)
         with torch.enable_grad():
-            out = model(xb.reshape(-1, *shape))
-            check_logits(out, xb.shape[0])
+            out = _logits(model, xb.reshape(-1, *shape))
             v = torch.zeros_like(out, requires_grad=True)
             (jt_v,) = grad(out, xb, v, create_graph=True)
             (ju,) = grad(jt_v, v, ub, create_graph=True)
