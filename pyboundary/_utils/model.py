@@ -89,7 +89,9 @@ def check_logits(logits: Tensor, n: int, *, where: str = "model") -> None:
             f"got shape {tuple(logits.shape)}"
         )
     if logits.shape[1] < 2:
-        raise ValueError(f"{where} must return at least 2 classes, got L={logits.shape[1]}")
+        raise ValueError(f"{where} must return at least 2 classes, got L={logits.shape[1]} (a binary model with "
+                         "one logit z: wrap it to return torch.cat([torch.zeros_like(z), z], 1), the logits "
+                         "of the two classes)")
     if not logits.is_floating_point():
         raise TypeError(f"{where} must return floating-point logits, got {logits.dtype}")
     if not bool(torch.isfinite(logits).all()):

@@ -25,6 +25,7 @@ from .._utils.batching import resolve_batch_size
 from .._utils.plotting import pyplot, save_figure
 from .._utils.results import Result
 from .._utils.validation import check_finite, check_int
+from ..subspaces import parse_subspaces
 
 __all__ = ["dct_flip", "dct_lowpass", "DCTFlip", "DCTLowpass", "BandEnergy", "band_energy", "plot_band_energy"]
 
@@ -126,7 +127,8 @@ def band_energy(
     """Energy of perturbations per member ("band") of a subspace family.
 
     For each perturbation delta_n (N, C, H, W) and member b of ``family`` (a
-    :class:`pyboundary.subspaces.Subspace` with orthonormal members, e.g. ``DCTDiagonal``):
+    :class:`pyboundary.subspaces.Subspace` with orthonormal members, e.g. ``DCTDiagonal``, or its
+    spec such as ``'dct:K=8,T=1'``):
     fraction[n, b] = ||analysis(delta_n, b)||^2 / ||delta_n||^2 in [0, 1]. Members of a partition
     (``DCTGrid``) sum to 1 per sample; the diagonal family covers part of the spectrum only.
     Evaluated over (sample, member) pairs, ``batch_size`` pairs at a time (None: automatic; no
@@ -136,6 +138,8 @@ def band_energy(
         raise ValueError("perturbations must be a tensor (N, C, H, W), got "
                          f"{getattr(perturbations, 'shape', type(perturbations).__name__)}")
     check_finite("perturbations", perturbations)
+    if isinstance(family, str):  # a spec, as scans take it
+        family = parse_subspaces(family, perturbations.shape[1:])
     if not 0.0 <= float(quantile) <= 100.0:
         raise ValueError(f"quantile must be in [0, 100], got {quantile}")
     n, n_b = perturbations.shape[0], int(family.n_members)

@@ -128,7 +128,10 @@ class RandomSubspaces(_DenseBases):
     def __init__(self, image_shape, dim: int, n: int = 1, seed: int = 0):
         shape = _image_shape(image_shape)
         D = math.prod(shape)
-        dim, n, seed = check_int("dim", dim), check_int("n", n), check_int("seed", seed)
+        dim, n = check_int("dim", dim), check_int("n", n)
+        # member i's generator is seeded with seed * 1_000_003 + i, which must fit in 64 bits
+        bound = 2**63 // 1_000_003 - 1
+        seed = check_int("seed", seed, minimum=-bound, maximum=bound)
         if not 1 <= dim <= D:
             raise ValueError(f"dim must be in [1, {D}] for image shape {shape}, got dim={dim}")
         if n < 1:

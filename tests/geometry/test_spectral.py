@@ -107,6 +107,14 @@ def test_band_energy_against_hand_computation():
         band_energy(d, _BlockFamily(), quantile=120)
 
 
+def test_band_energy_takes_a_spec_like_scans():
+    from pyboundary.subspaces import DCTDiagonal
+
+    d = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(band_energy(d, "dct:K=4,T=1").fractions,
+                               band_energy(d, DCTDiagonal((1, 8, 8), K=4, T=1)).fractions)
+
+
 def test_band_energy_on_dct_grid_sums_to_one():
     from pyboundary import subspaces
     fam = subspaces.DCTGrid((1, 8, 8), 4)

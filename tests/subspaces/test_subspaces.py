@@ -103,6 +103,8 @@ def test_random_subspaces_seeded():
     gram = a.basis(1).T @ a.basis(1)
     torch.testing.assert_close(gram, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
     assert a.spec == "random:dim=5,n=3,seed=7"
+    with pytest.raises(ValueError, match="seed must be <="):  # seed * 1_000_003 + i must fit in 64 bits
+        RandomSubspaces(SHAPE, dim=5, seed=2**62)
 
 
 def test_float32_and_mixed_members():
