@@ -564,6 +564,8 @@ def test_bad_inputs(mlp, digits):
     torch.testing.assert_close(every.margin, deepfool(mlp, x, candidates=mlp(x).shape[1]).margin)
     with pytest.raises(ValueError, match=r"shape \(N, L\) = \(4, L\)"):
         deepfool(lambda z: mlp(z)[:2], x)
+    with pytest.raises(ValueError, match=r"at least 2 classes.*torch.cat\(\[torch.zeros_like\(z\), z\], 1\)"):
+        deepfool(lambda z: mlp(z)[:, :1], x)
     with pytest.raises(ValueError, match="grad_strategy"):
         deepfool(mlp, x, grad_strategy="fast")
     with pytest.raises(ValueError, match="clamp"):
