@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .batching import resolve_batch_size
+from .batching import DEFAULT_BATCH_SIZE, plan_batch_size
 
 __all__ = [
     "model_guard", "check_logits", "forward_logits", "explain_dtype_errors", "model_device",
-    "CallCounter", "predict",
+    "CallCounter", "predict", "forward_batch_size",
 ]
 
 
@@ -160,6 +160,32 @@ class CallCounter:
         self.inputs += int(rows)
 
 
+def forward_batch_size(model: Callable, x: Tensor, batch_size: int | None = None, *, device=None,
+                       memory_budget=None) -> int:
+    """Rows per forward-only (no graph) call of ``model`` on inputs like x (N, ...).
+
+    ``batch_size`` checked against the memory budget, or None: the largest that fits it, at most
+    :data:`~pyboundary._utils.batching.DEFAULT_BATCH_SIZE` (at 224x224 a forward pass of 256 rows
+    needs ~6 GB). The probe runs forward passes on rows of x (model left as found) once per
+    model, input shape, dtype and device in a process (see
+    :func:`pyboundary._utils.batching.plan_batch_size`); ``device``: where the model runs;
+    ``memory_budget``: as for plan_batch_size (None: the default fraction of available memory).
+    """
+    dev = torch.device(device) if device is not None else model_device(model, x.device)
+
+    def run(r: int) -> None:
+        with torch.no_grad():
+            forward_logits(model, x[torch.arange(r, device=x.device) % x.shape[0]].to(dev))
+
+    if x.shape[0] == 0:
+        return plan_batch_size(run, 1, device=dev, batch_size=batch_size, memory_budget="off",
+                               default=DEFAULT_BATCH_SIZE).batch_size
+    with model_guard(model):
+        return plan_batch_size(run, DEFAULT_BATCH_SIZE, device=dev, batch_size=batch_size, memory_budget=memory_budget,
+                               default=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE, unit="rows",
+                               reuse=(model, ("forward", tuple(x.shape[1:]), x.dtype))).batch_size
+
+
 @torch.no_grad()
 def predict(model: Callable, x: Tensor, *, batch_size: int | None = None, device=None,
             counter: CallCounter | None = None) -> Tensor:
@@ -168,8 +194,7 @@ def predict(model: Callable, x: Tensor, *, batch_size: int | None = None, device
     Args:
         model: callable (N, ...) -> (N, L) logits; left as found.
         x: (N, ...) inputs on any device.
-        batch_size: input rows per model call (None: automatic, see
-            :func:`pyboundary._utils.batching.resolve_batch_size`).
+        batch_size: input rows per model call (None: automatic, see :func:`forward_batch_size`).
         device: where the model runs (default: the model's device, else x's device); batches are
             moved there.
         counter: optional :class:`CallCounter` that counts the calls and rows.
@@ -180,7 +205,7 @@ def predict(model: Callable, x: Tensor, *, batch_size: int | None = None, device
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
     dev = torch.device(device) if device is not None else model_device(model, x.device)
-    bs = resolve_batch_size(batch_size, n)
+    bs = forward_batch_size(model, x, batch_size, device=dev)
     out = []
     with model_guard(model):
         for start in range(0, n, bs):

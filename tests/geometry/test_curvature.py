@@ -242,6 +242,8 @@ def test_noise_accuracy_inside_vs_complement():
     assert acc.complement == 1.0
     assert 0.35 < acc.subspace < 0.65
     assert acc.summary()["accuracy_subspace"] == acc.subspace and acc.radius == 1.0
+    # chunks of one sample (its 40 noisy copies) give the numbers of one chunk
+    assert C.noise_accuracy(Step(), x, labels, u, radius=1.0, n_draws=20, batch_size=40) == acc
 
 
 # ----------------------------------------------------------------------------- hygiene and errors

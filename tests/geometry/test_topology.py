@@ -160,9 +160,9 @@ def test_random_direction_ratio_on_an_affine_model():
     margin = ((x @ w + b).abs() / w.norm()).detach()
     res = topo.random_direction_robustness(lin, x, n_directions=8, margin=margin, seed=0, n_bisect=40,
                                            max_radius=1e3)
-    # rebuild the directions with the same seed to get the exact expectation
+    # rebuild the directions with the same seed to get the exact expectation (drawn per sample)
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn((6, 8, d), generator=gen, dtype=torch.float64)
+    v = torch.cat([torch.randn((1, 8, d), generator=gen, dtype=torch.float64) for _ in range(6)])
     v = v / v.norm(dim=2, keepdim=True)
     cos = (v @ w / w.norm()).abs()
     expected = margin.unsqueeze(1) / cos
@@ -172,6 +172,10 @@ def test_random_direction_ratio_on_an_affine_model():
     torch.testing.assert_close(res.ratio, res.distance / margin.unsqueeze(1))
     s = res.summary()
     assert s["sqrt_d"] == pytest.approx(math.sqrt(d))
+    # chunks of one sample (16 rays = the batch) give the same numbers as one chunk
+    small = topo.random_direction_robustness(lin, x, n_directions=8, margin=margin, seed=0, n_bisect=40,
+                                             max_radius=1e3, batch_size=16)
+    torch.testing.assert_close(small.distance, res.distance)
 
 
 def test_random_direction_uses_deepfool_margin_by_default():
@@ -197,3 +201,19 @@ def test_path_connectivity_scenarios_on_linear_model(scenario):
     assert summary["rate"] == 1.0 and summary["median_ratio"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="scenario"):
         topo.path_connectivity(model, x, scenario="nope")
+
+
+def test_path_connectivity_when_no_pair_can_be_formed():
+    """Every input predicted a different class (4 ImageNet images): no same-label pair exists, and
+    one input has no partner of another class; the pairs are counted as skipped, not an error."""
+    from analytic import Affine
+
+    model = Affine.random(6, 4, 0, torch.float64)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pred = model(x).argmax(1)
+    one_each = x[torch.stack([(pred == c).nonzero()[0, 0] for c in pred.unique()])]
+    same = topo.path_connectivity(model, one_each, scenario="same-label", n_pairs=3)
+    assert same.summary()["n_skipped"] == 3 and same.summary()["n_pairs"] == 0
+    alone = topo.path_connectivity(model, one_each[:1], scenario="adversarial", n_pairs=3)
+    assert alone.summary()["n_skipped"] == 3
+    assert topo.path_connectivity(model, one_each, scenario="adversarial", n_pairs=3).summary()["n_pairs"] == 3

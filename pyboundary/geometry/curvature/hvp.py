@@ -152,8 +152,10 @@ def curvature_batch_size(model, x: Tensor, batch_size: int | None, scheme: str =
                 torch.autograd.grad(g.sum(), xb, allow_unused=True)
 
     with model_guard(model):
+        # one probe per model, input shape and scheme in a process (the detector scores in chunks)
         plan = plan_batch_size(run, max(flat.shape[0], DEFAULT_BATCH_SIZE), device=x.device, batch_size=batch_size,
-                               default=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE, unit="rows")
+                               default=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE, unit="rows",
+                               reuse=(model, ("curvature", shape, x.dtype, exact)))
     return plan.batch_size
 
 

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..._utils.batching import chunks, resolve_batch_size
-from ..._utils.model import model_guard
+from ..._utils.batching import chunks
+from ..._utils.model import forward_batch_size, model_guard
 from ..._utils.results import Result
 from ..._utils.rng import make_generator
 from ..._utils.validation import (
@@ -196,6 +196,22 @@ def subspace_fraction(v: Tensor, U) -> Tensor:
     return (flat @ basis).norm(dim=1) / norm
 
 
+def _noisy_hits(model, flat, labels, basis, radius, n_draws, shape, batch_size, cost, gen) -> Tensor:
+    """(2, n, n_draws) bool: whether copies of the samples flat (n, D) with Gaussian noise of norm
+    radius inside span(basis) (row 0) and inside its complement (row 1) keep their labels (n,).
+    The noise is drawn per sample (2, n_draws, D each), so chunks draw the numbers of one draw."""
+    n, d = flat.shape
+    g = torch.cat([torch.randn(2, 1, n_draws, d, dtype=flat.dtype, device=flat.device, generator=gen)
+                   for _ in range(n)], 1)
+    inside = (g[0] @ basis) @ basis.T
+    outside = g[1] - (g[1] @ basis) @ basis.T
+    noise = torch.stack([inside, outside])
+    noise = radius * noise / noise.norm(dim=-1, keepdim=True)
+    rows = (flat.reshape(1, n, 1, d) + noise).reshape(-1, d)
+    pred = logits_rows(model, rows, shape, batch_size, cost).argmax(1).reshape(2, n, n_draws)
+    return pred == labels.reshape(1, n, 1)
+
+
 def noise_accuracy(
     model: Callable,
     x: Tensor,
@@ -220,22 +236,17 @@ def noise_accuracy(
     x = check_curvature_inputs(x)
     n_draws = check_int("n_draws", n_draws, minimum=1)
     radius = check_number("radius", radius, minimum=0, strict_minimum=True)
-    batch_size = resolve_batch_size(batch_size)  # forward rows only: light
     n, shape, d = x.shape[0], tuple(x.shape[1:]), x[0].numel()
     lab = check_labels(labels, n, device=x.device)
     basis = _check_basis(U, d, x.dtype, x.device)
+    batch_size = forward_batch_size(model, x, batch_size)
     gen = make_generator(seed, x.device)
     cost = RowCost()
     flat = x.reshape(n, d)
-    g = torch.randn(2, n, n_draws, d, dtype=x.dtype, device=x.device, generator=gen)
-    inside = (g[0] @ basis) @ basis.T
-    outside = g[1] - (g[1] @ basis) @ basis.T
-    noise = torch.stack([inside, outside])
-    noise = radius * noise / noise.norm(dim=-1, keepdim=True)
-    rows = (flat.reshape(1, n, 1, d) + noise).reshape(-1, d)
     with model_guard(model):
         clean = logits_rows(model, flat, shape, batch_size, cost).argmax(1)
-        pred = logits_rows(model, rows, shape, batch_size, cost).argmax(1).reshape(2, n, n_draws)
-    hit = pred == lab.reshape(1, n, 1)
+        # samples per chunk: their 2 n_draws noisy copies are ~batch_size rows
+        hit = torch.cat([_noisy_hits(model, flat[sl], lab[sl], basis, radius, n_draws, shape, batch_size, cost, gen)
+                         for sl in chunks(n, max(1, batch_size // (2 * n_draws)))], 1)
     return NoiseAccuracy(clean=float((clean == lab).double().mean()), subspace=float(hit[0].double().mean()),
                          complement=float(hit[1].double().mean()), radius=radius, n_draws=n_draws)
