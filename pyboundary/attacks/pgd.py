@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils.batching import DEFAULT_BATCH_SIZE, chunks, plan_batch_size
 from .._utils.model import explain_dtype_errors, forward_logits, model_guard
 from .._utils.rng import make_generator
 from .._utils.validation import (
@@ -78,6 +79,7 @@ def pgd(
     clamp: tuple[float, float] | None = (0.0, 1.0),
     seed: int | None = None,
     targeted: bool = False,
+    batch_size: int | None = None,
 ) -> Tensor:
     """Projected gradient descent on the cross-entropy loss (Madry et al.), batched.
 
@@ -99,6 +101,10 @@ def pgd(
         clamp: (low, high) box for the adversarial inputs, or None.
         seed: seed of the random start (None: torch's global generator).
         targeted: descend towards ``labels`` instead of ascending away from them.
+        batch_size: input rows per forward and reverse pass (None: the largest that fits the
+            default memory budget, from a probe of one step made once per model and input shape;
+            an explicit size that cannot fit is refused before the work). Samples are independent:
+            the result does not depend on it.
     Returns:
         (N, ...) adversarial inputs, detached, same dtype and device as x, with
         ||x_adv - x||_p <= eps (up to rounding) and inside ``clamp`` when x is.
@@ -117,15 +123,27 @@ def pgd(
     if clamp is not None:
         delta = (x + delta).clamp(*clamp) - x
     sign = -1.0 if targeted else 1.0
+    n = x.shape[0]
+
+    def gradient(rows: Tensor, d: Tensor) -> Tensor:
+        x_adv = (x[rows] + d).requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(forward_logits(model, x_adv), labels[rows], reduction="sum")
+            (grad,) = torch.autograd.grad(sign * loss, x_adv)
+        return grad
+
     with model_guard(model), explain_dtype_errors(model, x):
-        for _ in range(steps):
-            x_adv = (x + delta).requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(forward_logits(model, x_adv), labels, reduction="sum")
-                (grad,) = torch.autograd.grad(sign * loss, x_adv)
-            delta = _project(delta + _ascent_step(grad, alpha, p), eps, p)
-            if clamp is not None:
-                delta = (x + delta).clamp(*clamp) - x
+        plan = plan_batch_size(lambda r: gradient(torch.arange(r, device=x.device) % n, delta[:1]), n,
+                               device=x.device, batch_size=batch_size, default=DEFAULT_BATCH_SIZE,
+                               max_batch_size=DEFAULT_BATCH_SIZE, reuse=(model, ("pgd", tuple(x.shape[1:]), x.dtype)))
+        for sl in chunks(n, plan.batch_size):
+            rows = torch.arange(sl.start, sl.stop, device=x.device)
+            d = delta[sl]
+            for _ in range(steps):
+                d = _project(d + _ascent_step(gradient(rows, d), alpha, p), eps, p)
+                if clamp is not None:
+                    d = (x[sl] + d).clamp(*clamp) - x[sl]
+            delta[sl] = d
     return (x + delta).detach()
 
 

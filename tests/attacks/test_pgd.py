@@ -41,6 +41,19 @@ def test_pgd_stays_in_ball_and_box_and_raises_loss(norm):
     assert float((l1 - l0).mean()) > 5 * abs(float((l_rnd - l0).mean()))
 
 
+@pytest.mark.parametrize("p", [float("inf"), 2.0])
+def test_pgd_in_batches_gives_the_numbers_of_one_batch(p):
+    """batch_size cuts the samples into chunks (each runs every step; the memory of one step is
+    planned from a probe when None): samples are independent, so nothing changes."""
+    model = _mlp().double()
+    x, y = _data(n=11)
+    x = x.double()
+    whole = adv.pgd(model, x, y, eps=0.1, p=p, steps=5, seed=3)
+    torch.testing.assert_close(adv.pgd(model, x, y, eps=0.1, p=p, steps=5, seed=3, batch_size=4), whole)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        adv.pgd(model, x, y, eps=0.1, batch_size=0)
+
+
 def test_pgd_linf_solves_linear_model_exactly():
     # two-class linear model: the L-inf maximiser of the loss is x - eps * sign(w) for label 0
     w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
