@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from .._utils.batching import chunks, plan_batch_size
 from .._utils.model import forward_logits, model_guard, predict
 from .._utils.plotting import pyplot, save_figure
 from .._utils.results import Result
@@ -110,6 +111,16 @@ def masked_accuracy(model: Callable, x: Tensor, labels: Tensor, mask: Tensor | N
     return float((predict(model, xm, batch_size=batch_size) == labels.to(x.device)).double().mean()) if x.shape[0] else 0.0
 
 
+def _mask_loss(model, xb: Tensor, tb: Tensor, theta: Tensor, basis: str, batch: int) -> Tensor:
+    """sum over the rows xb of |CE(masked) - CE(clean)| / batch (batch: rows of the whole
+    mini-batch, so the parts of a mini-batch add up to its mean)."""
+    with torch.no_grad():
+        ref = F.cross_entropy(forward_logits(model, xb), tb, reduction="none")
+    with torch.enable_grad():
+        masked = F.cross_entropy(forward_logits(model, apply_mask(xb, theta, basis)), tb, reduction="none")
+        return (masked - ref).abs().sum() / batch
+
+
 def learn_mask(
     model: Callable,
     x: Tensor,
@@ -132,7 +143,9 @@ def learn_mask(
             predictions).
         basis: 'dct' or 'fft'.
         lam: sparsity weight (>= 0); penalty_exponent: q of the penalty (sum |m|^q)^(1/q) (> 0, e.g. 1).
-        steps: Adam steps (>= 1) on random mini-batches of ``train_batch_size`` samples (seeded).
+        steps: Adam steps (>= 1) on random mini-batches of ``train_batch_size`` samples (seeded);
+            a mini-batch larger than the memory budget allows in one pass is accumulated over
+            smaller ones (same gradient).
         lr: Adam learning rate.
         per_channel: one mask per colour channel instead of one shared (H, W) mask.
     Returns:
@@ -158,22 +171,28 @@ def learn_mask(
         gen = make_generator(seed, "cpu")
         n_entries = theta.numel()
         history = []
+        # rows per forward + reverse pass: a mini-batch whose graph does not fit the memory budget
+        # is accumulated over smaller passes (the same gradient, up to float summation order)
+        micro = plan_batch_size(lambda r: _mask_loss(model, x[torch.arange(r) % n], target[torch.arange(r) % n],
+                                                     theta, basis, r).backward(),
+                                min(train_batch_size, n), device=x.device, default=train_batch_size,
+                                reuse=(model, ("mask", tuple(x.shape[1:]), x.dtype, basis))).batch_size
+        theta.grad = None
         for _ in range(steps):
             pick = torch.randint(0, n, (min(train_batch_size, n),), generator=gen).to(x.device)
-            xb, tb = x[pick], target[pick]
+            opt.zero_grad()
             with torch.enable_grad():
-                with torch.no_grad():
-                    ref = F.cross_entropy(forward_logits(model, xb), tb, reduction="none")
-                masked = F.cross_entropy(forward_logits(model, apply_mask(xb, theta, basis)), tb,
-                                         reduction="none")
-                penalty = theta.abs().pow(q).sum().pow(1.0 / q) / n_entries ** (1.0 / q)
-                loss = (masked - ref).abs().mean() + lam * penalty
-                opt.zero_grad()
-                loss.backward()
+                loss = 0.0
+                for sl in chunks(pick.numel(), micro):
+                    part = _mask_loss(model, x[pick[sl]], target[pick[sl]], theta, basis, pick.numel())
+                    part.backward()
+                    loss += float(part.detach())
+                penalty = lam * theta.abs().pow(q).sum().pow(1.0 / q) / n_entries ** (1.0 / q)
+                penalty.backward()
             opt.step()
             with torch.no_grad():
                 theta.clamp_(0.0, 1.0)
-            history.append(float(loss.detach()))
+            history.append(loss + float(penalty.detach()))
     mask = theta.detach()
     return MaskResult(
         mask=mask, basis=basis,
