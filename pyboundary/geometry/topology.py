@@ -210,9 +210,12 @@ def _segments_ok(model, a: Tensor, b: Tensor, label: int, n_check: int, batch_si
     """(S,) bool: all n_check interior sample points of each segment a_i -> b_i are in the region."""
     t = torch.arange(1, n_check + 1, dtype=a.dtype, device=a.device) / (n_check + 1)
     shape = (1, n_check) + (1,) * (a.dim() - 1)
-    pts = a.unsqueeze(1) + t.view(shape) * (b - a).unsqueeze(1)  # (S, n_check, ...)
-    pred = predict(model, pts.reshape(-1, *a.shape[1:]), batch_size=batch_size, counter=counter)
-    return (pred.view(a.shape[0], n_check) == label).all(1)
+    ok = []
+    for sl in chunks(a.shape[0], max(1, batch_size // n_check)):  # ~batch_size points at a time
+        pts = a[sl].unsqueeze(1) + t.view(shape) * (b[sl] - a[sl]).unsqueeze(1)  # (s, n_check, ...)
+        pred = predict(model, pts.reshape(-1, *a.shape[1:]), batch_size=batch_size, counter=counter)
+        ok.append((pred.view(-1, n_check) == label).all(1))
+    return torch.cat(ok)
 
 
 def find_path(
