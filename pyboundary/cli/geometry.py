@@ -185,7 +185,8 @@ def cmd_topology(args) -> int:
     print(f"pyboundary topology: model {args.model}, data {args.data}/{args.split} ({x.shape[0]} inputs)")
     report: dict = {"model": args.model, "data": args.data, "split": args.split, "n": int(x.shape[0])}
     for scenario in scenarios:
-        res = topology.path_connectivity(model, x, scenario=scenario, n_pairs=args.pairs, seed=args.seed)
+        res = topology.path_connectivity(model, x, scenario=scenario, n_pairs=args.pairs, seed=args.seed,
+                                         batch_size=args.batch_size)
         report[f"paths/{scenario}"] = res.summary()
         print(f"paths ({scenario}): {res.n_valid}/{res.n_pairs} valid (rate {res.rate:.3f}), "
               f"{res.n_skipped} pairs skipped, median length/straight {res.summary()['median_ratio']:.3f}")
@@ -193,7 +194,11 @@ def cmd_topology(args) -> int:
         pred = predict(model, x, batch_size=args.batch_size)
         label = int(pred.mode().values)
         region = x[pred == label]
+        too_many = [k for k in ks if k > region.shape[0]]
         ks = [k for k in ks if 2 <= k <= region.shape[0]]
+        if too_many:
+            print(f"convex combinations: k={','.join(map(str, too_many))} skipped (only {region.shape[0]} inputs "
+                  f"predicted {label}, the most common class)")
         if ks:
             conv = topology.convex_combination_probability(model, region, ks, n_trials=args.trials, seed=args.seed,
                                                            batch_size=args.batch_size)

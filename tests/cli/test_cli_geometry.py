@@ -106,3 +106,26 @@ def test_curvature_top_classes_of_a_many_class_model(monkeypatch, tmp_path, caps
         assert mc.classes.shape[1] == (29 if classes is None else classes)
         assert rep["mean_all"]["mean"] == pytest.approx(float(mc.trace.mean(1).mean()), rel=1e-9)
         assert rep["forward_per_input"] > 3 * mc.classes.shape[1]  # 3 rows per class (gradient, 2 differences)
+
+
+def test_topology_cli_when_every_input_is_another_class(monkeypatch, tmp_path, capsys):
+    """4 ImageNet images are 4 classes: no same-label pair, one input per region. The command
+    reports skipped pairs and convex sizes instead of failing."""
+    from analytic import Affine
+
+    from pyboundary import zoo
+
+    model = Affine.random(6, 4, 0, torch.float64)
+    pool = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pred = model(pool).argmax(1)
+    data = DS(4)
+    data.x = pool[torch.stack([(pred == c).nonzero()[0, 0] for c in range(4)])]
+    data.classes = ["a", "b", "c", "d"]
+    monkeypatch.setattr(zoo, "load_model", lambda spec, **kw: model)
+    monkeypatch.setattr(zoo, "load_dataset", lambda name, split="test", limit=None, seed=0: data)
+    assert cli.main(["topology", "--model", "m", "--data", "toy", "--limit", "4", "--pairs", "2", "--trials", "5",
+                     "--directions", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "paths (same-label): 0/0 valid" in out and "2 pairs skipped" in out
+    assert "k=2,5,10 skipped (only 1 inputs" in out
+    assert (tmp_path / "topology.json").exists()
