@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -32,12 +34,16 @@ def model_guard(model: Callable, *, eval_mode: bool = True) -> Iterator[Callable
     # under which torch.enable_grad() alone would not record a graph. inference_mode(False)
     # switches grad mode on, so the caller's grad mode is put back explicitly.
     grad_enabled = torch.is_grad_enabled()
-    with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled), _reusable_compiled_graphs():
-        if not isinstance(model, nn.Module):
-            yield model
-            return
-        with _frozen(model, eval_mode):
-            yield model
+    token = _guarded_model.set(model)
+    try:
+        with torch.inference_mode(False), torch.set_grad_enabled(grad_enabled), _reusable_compiled_graphs():
+            if not isinstance(model, nn.Module):
+                yield model
+                return
+            with _frozen(model, eval_mode):
+                yield model
+    finally:
+        _guarded_model.reset(token)
 
 
 def _reusable_compiled_graphs():
@@ -71,16 +77,34 @@ def _frozen(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-_warned_probabilities = False
+#: the model of the innermost model_guard block (whose outputs check_logits sees)
+_guarded_model: contextvars.ContextVar = contextvars.ContextVar("pyboundary_guarded_model", default=None)
+#: models already warned about returning probabilities (by identity; weakly held where possible)
+_warned_models: weakref.WeakSet = weakref.WeakSet()
+_warned_ids: set = set()
+
+
+def _first_probability_warning() -> bool:
+    """Whether the model being run (the innermost model_guard's; None outside one) has not been
+    warned about returning probabilities yet; marks it warned."""
+    model = _guarded_model.get()
+    try:
+        if model in _warned_models:
+            return False
+        _warned_models.add(model)
+    except TypeError:  # None, or a callable that cannot be weakly referenced
+        if id(model) in _warned_ids:
+            return False
+        _warned_ids.add(id(model))
+    return True
 
 
 def check_logits(logits: Tensor, n: int, *, where: str = "model") -> None:
     """Validate a model output: (n, L) floating logits with L >= 2, finite.
 
-    Warns (once per process) when every row is non-negative and sums to 1, which means the
-    model returns probabilities: margins of a softmax output are not margins of the logits.
+    Warns (once per model) when every row is non-negative and sums to 1, which means the model
+    returns probabilities: margins of a softmax output are not margins of the logits.
     """
-    global _warned_probabilities
     if not isinstance(logits, Tensor):
         raise TypeError(f"{where} must return a tensor of logits, got {type(logits).__name__}")
     if logits.dim() != 2 or logits.shape[0] != n:
@@ -96,17 +120,17 @@ def check_logits(logits: Tensor, n: int, *, where: str = "model") -> None:
         raise TypeError(f"{where} must return floating-point logits, got {logits.dtype}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{where} returned non-finite logits (NaN or Inf)")
-    if not _warned_probabilities and n > 0:
+    if n > 0:
         with torch.no_grad():
             rows = logits.detach()
             sums = rows.sum(1)
-            if bool((rows >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4)):
-                _warned_probabilities = True
-                warnings.warn(
-                    f"{where} outputs look like probabilities (non-negative rows summing to 1); "
-                    "pyboundary expects logits. Remove the final softmax for meaningful margins.",
-                    stacklevel=3,
-                )
+            probabilities = bool((rows >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4))
+        if probabilities and _first_probability_warning():
+            model = _guarded_model.get()
+            name = "" if model is None else f" ({getattr(model, '__name__', type(model).__name__)})"
+            warnings.warn(f"{where}{name} outputs look like probabilities (non-negative rows summing to 1); "
+                          "pyboundary expects logits. Remove the final softmax for meaningful margins.",
+                          stacklevel=3)
 
 
 def forward_logits(model: Callable, x: Tensor, *, where: str = "model") -> Tensor:

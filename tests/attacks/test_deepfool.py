@@ -529,10 +529,18 @@ def test_pass_counts_and_audit(cnn, digits):
     assert summary["n_forward"] == res.n_forward and set(summary["margin"]) == {"median", "p5", "p95", "mean", "se"}
 
 
-def test_probability_warning(mlp, digits):
-    utils._warned_probabilities = False
-    with pytest.warns(UserWarning, match="probabilities"):
-        deepfool(lambda z: mlp(z).softmax(1), digits[0][:4], max_iter=2)
+def test_probability_warning_once_per_model(mlp, digits):
+    import warnings
+
+    x = digits[0][:4]
+    softmax = nn.Sequential(mlp, nn.Softmax(1))
+    with pytest.warns(UserWarning, match=r"model \(Sequential\) outputs look like probabilities"):
+        deepfool(softmax, x, max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deepfool(softmax, x, max_iter=2)  # this model was warned about already
+    with pytest.warns(UserWarning, match="probabilities"):  # another model is warned about again
+        deepfool(lambda z: mlp(z).softmax(1), x, max_iter=2)
 
 
 def test_bad_inputs(mlp, digits):
