@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .batching import DEFAULT_BATCH_SIZE, plan_batch_size
+from .memory import cpu_peak_supported
 
 __all__ = [
     "model_guard", "check_logits", "forward_logits", "explain_dtype_errors", "model_device",
@@ -201,8 +202,10 @@ def forward_batch_size(model: Callable, x: Tensor, batch_size: int | None = None
         with torch.no_grad():
             forward_logits(model, x[torch.arange(r, device=x.device) % x.shape[0]].to(dev))
 
-    if x.shape[0] == 0:
-        return plan_batch_size(run, 1, device=dev, batch_size=batch_size, memory_budget="off",
+    if x.shape[0] == 0 or (dev.type == "cpu" and not cpu_peak_supported()):
+        # nothing to probe, or a platform where CPU memory cannot be measured: the default, silently
+        # (the pipelines that differentiate warn there; a forward pass is their small part)
+        return plan_batch_size(run, DEFAULT_BATCH_SIZE, device=dev, batch_size=batch_size, memory_budget="off",
                                default=DEFAULT_BATCH_SIZE).batch_size
     with model_guard(model):
         return plan_batch_size(run, DEFAULT_BATCH_SIZE, device=dev, batch_size=batch_size, memory_budget=memory_budget,

@@ -148,6 +148,23 @@ def test_forward_only_work_is_planned_against_the_budget():
     assert predict(model, x[:10], batch_size=3).shape == (10,) and max(rows) == 3
 
 
+
+def test_forward_only_work_where_memory_cannot_be_measured(monkeypatch):
+    """No resettable /proc peak (macOS): forward-only work takes the default size silently (the
+    differentiating pipelines warn there), and an explicit size is kept."""
+    import warnings
+
+    from pyboundary._utils import model as model_utils
+
+    monkeypatch.setattr(model_utils, "cpu_peak_supported", lambda: False)
+    net = torch.nn.Linear(16, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_utils.forward_batch_size(net, torch.randn(5, 16)) == batching.DEFAULT_BATCH_SIZE
+        assert model_utils.forward_batch_size(net, torch.randn(5, 16), 7) == 7
+        assert model_utils.forward_batch_size(net, torch.randn(0, 16)) == batching.DEFAULT_BATCH_SIZE
+
+
 def test_small_work_is_not_probed_and_off_skips_the_probe():
     def run(r):  # pragma: no cover - must not be called
         raise AssertionError("probed")
