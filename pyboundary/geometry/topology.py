@@ -75,17 +75,23 @@ def first_crossing(
     n_bisect = check_int("n_bisect", n_bisect, minimum=0)
     m = x.shape[0]
     r = torch.as_tensor(max_radius, dtype=torch.float64, device=x.device).expand(m).clone()
-    rows = max(1, batch_size // n_grid)
-    parts = [_crossing_chunk(model, x[s:s + rows], v[s:s + rows], label[s:s + rows], r[s:s + rows],
-                             n_grid, n_bisect, batch_size, counter) for s in range(0, m, rows)]
-    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+    rows = max(1, batch_size // n_grid)  # rays per grid chunk: their n_grid points are ~batch_size rows
+    parts = [_grid_bracket(model, x[s:s + rows], v[s:s + rows], label[s:s + rows], r[s:s + rows], n_grid,
+                           batch_size, counter) for s in range(0, m, rows)]
+    empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+    lo, out = (torch.cat([q[i] for q in parts]) if parts else empty for i in range(2))
+    act = torch.isfinite(out).nonzero().squeeze(1)
+    for sl in chunks(act.numel(), batch_size):  # bisection on ~batch_size rays per model call
+        a = act[sl]
+        out[a] = _bisect(model, x[a], v[a], label[a], lo[a], out[a], n_bisect, batch_size, counter)
     vnorm = v.flatten(1).double().norm(dim=1)
     # a zero direction never leaves the region: inf (not inf * 0 = nan)
     return torch.where(vnorm > 0, out * vnorm, torch.full_like(out, math.inf))
 
 
-def _crossing_chunk(model, x, v, label, r, n_grid, n_bisect, batch_size, counter) -> Tensor:
-    """first_crossing for one chunk of rows; returns t (not yet scaled by ||v||)."""
+def _grid_bracket(model, x, v, label, r, n_grid, batch_size, counter) -> tuple[Tensor, Tensor]:
+    """For rays x + t v (m rows), t in (0, r]: the bracket (lo, hi) (m,) each of the first grid
+    point t = hi outside the region and the grid point before it; hi = inf where none is."""
     m = x.shape[0]
     grid = torch.arange(1, n_grid + 1, dtype=torch.float64, device=x.device) / n_grid  # (G,)
     ts = r.unsqueeze(1) * grid.unsqueeze(0)  # (m, G)
@@ -97,15 +103,17 @@ def _crossing_chunk(model, x, v, label, r, n_grid, n_bisect, batch_size, counter
     first = torch.where(found, outside.float().argmax(1), torch.zeros_like(label))
     hi = torch.where(found, ts.gather(1, first.unsqueeze(1)).squeeze(1), torch.full_like(r, math.inf))
     lo = torch.where(first > 0, hi - r / n_grid, torch.zeros_like(r))
-    act = found.nonzero().squeeze(1)
-    lo_a, hi_a = lo[act], hi[act]
-    for _ in range(n_bisect if act.numel() else 0):
-        mid = (lo_a + hi_a) / 2
-        p = predict(model, x[act] + _bcast(mid.to(x.dtype), x) * v[act], batch_size=batch_size, counter=counter)
-        out = p != label[act]
-        hi_a = torch.where(out, mid, hi_a)
-        lo_a = torch.where(out, lo_a, mid)
-    hi[act] = hi_a
+    return lo, hi
+
+
+def _bisect(model, x, v, label, lo, hi, n_bisect, batch_size, counter) -> Tensor:
+    """hi (m,) after n_bisect bisections of [lo, hi] along the rays x + t v (hi outside the region
+    of label, lo inside)."""
+    for _ in range(n_bisect):
+        mid = (lo + hi) / 2
+        out = predict(model, x + _bcast(mid.to(x.dtype), x) * v, batch_size=batch_size, counter=counter) != label
+        hi = torch.where(out, mid, hi)
+        lo = torch.where(out, lo, mid)
     return hi
 
 

@@ -141,8 +141,13 @@ def test_first_crossing_on_a_halfspace_is_exact():
     assert d[:3].tolist() == pytest.approx([1.0, 1 / 0.6, 1 / 0.6], rel=1e-6)
     assert math.isinf(float(d[3]))
     # chunked evaluation (2 rows of 32 grid points per chunk) gives the same distances
-    d_small = topo.first_crossing(model, x, v, torch.ones(4, dtype=torch.int64), 5.0, n_bisect=30, batch_size=64)
+    counter = topo.CallCounter()
+    d_small = topo.first_crossing(model, x, v, torch.ones(4, dtype=torch.int64), 5.0, n_bisect=30, batch_size=64,
+                                  counter=counter)
     torch.testing.assert_close(d_small, d)
+    # two grid calls (2 rays of 32 points each), then the 3 rays that cross are bisected together:
+    # one call per bisection step, not one per grid chunk
+    assert counter.calls == 2 + 30 and counter.inputs == 4 * 32 + 3 * 30
     z = topo.first_crossing(model, x[:1], torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.int64), 5.0)
     assert math.isinf(float(z[0]))
     with pytest.raises(ValueError, match="n_grid"):
