@@ -8,7 +8,6 @@ the model as a torch callable, the reference labels or the target classes, the b
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Callable, Mapping
 
 import torch
@@ -18,10 +17,8 @@ from .._utils.model import forward_logits, model_guard
 from .._utils.validation import check_int, check_number
 from ..attacks.deepfool import deepfool
 
-__all__ = ["engine_options", "adversarial_points", "check_in_box", "OutOfBoundsError", "ALL_CLASSES"]
+__all__ = ["engine_options", "adversarial_points", "check_in_box", "OutOfBoundsError"]
 
-#: ``candidates=None`` (all classes) is passed to the engine as this count (it takes min(count, L)).
-ALL_CLASSES = sys.maxsize
 #: engine arguments an adapter sets itself from its peer library's call (never in deepfool_kwargs)
 _SET_BY_ADAPTER = frozenset({"model", "x", "labels", "target", "p", "clamp", "subspace", "subspace_index"})
 #: engine arguments an adapter takes under its own (peer library's) names
@@ -60,8 +57,7 @@ def engine_options(*, steps, candidates, overshoot, deepfool_kwargs, engine: Cal
         named = {k: _NAMED[k] for k in taken if k in _NAMED}
         raise TypeError(f"deepfool_kwargs: {taken} are set by the attack itself"
                         + (f" (pass them as {named})" if named else ""))
-    return dict(extra, max_iter=steps, candidates=ALL_CLASSES if candidates is None else candidates,
-                overshoot=overshoot)
+    return dict(extra, max_iter=steps, candidates=candidates, overshoot=overshoot)
 
 
 class OutOfBoundsError(ValueError, AssertionError):

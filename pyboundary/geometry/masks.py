@@ -173,11 +173,13 @@ def learn_mask(
         history = []
         # rows per forward + reverse pass: a mini-batch whose graph does not fit the memory budget
         # is accumulated over smaller passes (the same gradient, up to float summation order)
-        micro = plan_batch_size(lambda r: _mask_loss(model, x[torch.arange(r) % n], target[torch.arange(r) % n],
-                                                     theta, basis, r).backward(),
+        def probe(r: int) -> None:
+            rows = torch.arange(r, device=x.device) % n
+            _mask_loss(model, x[rows], target[rows], theta, basis, r).backward()  # opt.zero_grad() clears it
+
+        micro = plan_batch_size(probe,
                                 min(train_batch_size, n), device=x.device, default=train_batch_size,
                                 reuse=(model, ("mask", tuple(x.shape[1:]), x.dtype, basis))).batch_size
-        theta.grad = None
         for _ in range(steps):
             pick = torch.randint(0, n, (min(train_batch_size, n),), generator=gen).to(x.device)
             opt.zero_grad()

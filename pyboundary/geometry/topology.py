@@ -19,7 +19,7 @@ from torch import Tensor
 from .._utils.batching import chunks
 from .._utils.model import CallCounter, forward_batch_size, model_guard, predict
 from .._utils.results import Result
-from .._utils.rng import make_generator
+from .._utils.rng import make_generator, random_unit_vectors
 from .._utils.stats import summarize
 from .._utils.validation import check_finite, check_int, check_number
 from ..attacks.deepfool import deepfool
@@ -442,8 +442,8 @@ def _both_ways(model, x, label, r, n_directions, gen, n_grid, n_bisect, batch_si
     """(n, 2, T) distances to the boundary from x (n, ...) along T random unit directions v each
     (drawn per sample from gen, so chunks of samples draw the numbers of one draw) and along -v."""
     n, d = x.shape[0], x[0].numel()
-    v = torch.cat([torch.randn((1, n_directions, d), generator=gen, dtype=torch.float64) for _ in range(n)])
-    v = (v / v.norm(dim=2, keepdim=True)).to(x.device, x.dtype).view(n, n_directions, *x.shape[1:])
+    v = random_unit_vectors(n, n_directions, d, generator=gen, dtype=torch.float64, device="cpu")
+    v = v.to(x.device, x.dtype).view(n, n_directions, *x.shape[1:])
     starts = x.detach().unsqueeze(1).expand(n, 2 * n_directions, *x.shape[1:]).reshape(-1, *x.shape[1:])
     both_v = torch.cat([v, -v], 1).reshape(-1, *x.shape[1:])
     return first_crossing(model, starts, both_v, label.repeat_interleave(2 * n_directions),

@@ -354,7 +354,6 @@ def _linearised_class_distances(model, x, labels, p, clamp, space=None, idx=None
     xr = x.clone().requires_grad_(True)
     out = model(xr)
     n, L = out.shape
-    out_d = out.detach()
     dist = np.full((n, L), np.inf)
     for c in range(L):
         gap = out[:, c] - out.gather(1, labels[:, None]).squeeze(1)

@@ -337,9 +337,3 @@ def _project(v: Tensor, normal: Tensor) -> Tensor:
     nv = normal.reshape(normal.shape[0], *([1] * (v.dim() - 2)), normal.shape[1])
     return v - nv * (v * nv).sum(-1, keepdim=True)
 
-
-def _random_unit(n, t, d, dtype, device, gen):
-    """(n, t, d) uniform unit vectors, t per sample, drawn one sample at a time: drawing for chunks
-    of samples in turn gives the numbers of one draw for all of them."""
-    v = torch.cat([torch.randn(1, t, d, dtype=dtype, device=device, generator=gen) for _ in range(n)])
-    return v / v.norm(dim=2, keepdim=True)

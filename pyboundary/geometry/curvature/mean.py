@@ -13,6 +13,7 @@ from torch import Tensor
 from ..._utils.batching import chunks
 from ..._utils.model import model_guard
 from ..._utils.results import Result
+from ..._utils.rng import random_unit_vectors
 from ..._utils.validation import check_choice, check_int, check_model
 from .hvp import (
     DEFAULT_H_REL,
@@ -20,7 +21,6 @@ from .hvp import (
     _fd_setup,
     _grad_rows,
     _pair_values,
-    _random_unit,
     _second_diff_rows,
     check_curvature_inputs,
     curvature_batch_size,
@@ -201,10 +201,10 @@ def _mean_curvature_samples(model, flat, logits, cls, ref, hs, shape, scheme, es
 
     Memory stays within a few (batch_size, D) tensors whatever J (999 other classes of an ImageNet
     model): the classes are taken in chunks of ~batch_size (sample, class[, direction]) rows. The
-    T directions are drawn per sample (:func:`_random_unit`), so the numbers do not depend on the chunks.
+    T directions are drawn per sample (:func:`pyboundary._utils.rng.random_unit_vectors`), so the numbers do not depend on the chunks.
     """
     n, d = flat.shape
-    u = _random_unit(n, n_dirs, d, flat.dtype, flat.device, gen)  # (n, T, D)
+    u = random_unit_vectors(n, n_dirs, d, generator=gen, dtype=flat.dtype, device=flat.device)  # (n, T, D)
     trace_h = None
     if estimator in ("trace", "both"):
         trace_h = _hessian_traces(model, flat, u, hs, logits, shape, scheme, batch_size, cost)

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..._utils.batching import chunks
 from ..._utils.model import forward_batch_size, model_guard
 from ..._utils.results import Result
-from ..._utils.rng import make_generator
+from ..._utils.rng import make_generator, per_sample_randn, random_unit_vectors
 from ..._utils.validation import (
     check_choice,
     check_finite,
@@ -30,7 +30,6 @@ from .hvp import (
     _grad_rows,
     _pair_values,
     _project,
-    _random_unit,
     _resolve_pair,
     _second_diff_rows,
     check_curvature_inputs,
@@ -169,7 +168,7 @@ def _directional_forms(model, flat, logits, pi, pj, hs, basis, n_dirs, shape, sc
     _, g = _grad_rows(model, flat, pi, pj, shape, batch_size, cost)
     gnorm = g.norm(dim=1).clamp_min(torch.finfo(flat.dtype).tiny)
     normal = g / gnorm.unsqueeze(1)
-    v = _project(_random_unit(n, n_dirs, d, flat.dtype, flat.device, gen), normal)
+    v = _project(random_unit_vectors(n, n_dirs, d, generator=gen, dtype=flat.dtype, device=flat.device), normal)
     v = v / v.norm(dim=2, keepdim=True)
     pu = _project(basis.T.unsqueeze(0).expand(n, m, d), normal)  # (n, m, D)
     pun = pu.norm(dim=2)
@@ -201,8 +200,7 @@ def _noisy_hits(model, flat, labels, basis, radius, n_draws, shape, batch_size, 
     radius inside span(basis) (row 0) and inside its complement (row 1) keep their labels (n,).
     The noise is drawn per sample (2, n_draws, D each), so chunks draw the numbers of one draw."""
     n, d = flat.shape
-    g = torch.cat([torch.randn(2, 1, n_draws, d, dtype=flat.dtype, device=flat.device, generator=gen)
-                   for _ in range(n)], 1)
+    g = per_sample_randn(n, (2, n_draws, d), generator=gen, dtype=flat.dtype, device=flat.device).transpose(0, 1)
     inside = (g[0] @ basis) @ basis.T
     outside = g[1] - (g[1] @ basis) @ basis.T
     noise = torch.stack([inside, outside])
