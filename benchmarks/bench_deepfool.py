@@ -21,6 +21,9 @@ pyboundary is timed with ``refine=False`` (the peers do not refine; their margin
 overshoot) and, separately, with the default refinement. Peers that are not installed are skipped
 with a message. The floor replays our unpruned run's passes (the same batch sizes, one forward and
 the same number of reverse passes per iteration) with nothing else: overhead = our time / floor.
+The oracle floor replays the same iterations with one reverse pass each (the gradient of the
+winning candidate only, as if an oracle pruned every other one): no pruning rule can go below it
+without changing the number of iterations.
 
 Time per sample = CPU time of the process (``time.process_time``) for the whole call / n, best of
 ``--repeats`` for the fast methods. Everything runs on one thread (``--threads 1``, OMP/MKL limited
@@ -150,8 +153,11 @@ def art_df(counted, x, y, p, clip, batch_size, repeats):
     return (lambda: torch.from_numpy(attack.generate(x.cpu().numpy())).to(DEVICE)), 1
 
 
-def floor_time(model, x, trace, repeats):
-    """Replay (rows, reverse passes) of a trace as plain forward + reverse passes."""
+def floor_time(model, x, trace, repeats, max_reverse=None):
+    """Replay (rows, reverse passes) of a trace as plain forward + reverse passes (at most
+    ``max_reverse`` reverse passes per step when given)."""
+    if max_reverse is not None:
+        trace = [(rows, min(n_rev, max_reverse)) for rows, n_rev in trace]
 
     def run():
         with model_guard(model), torch.enable_grad():
@@ -250,6 +256,10 @@ def main(argv=None):
             fsecs = floor_time(model, x, base["trace"], rep)
             record(mode, "floor (unpruned passes)", dict(secs=fsecs, forward=base["forward"],
                                                          backward=base["backward"]))
+            osecs = floor_time(model, x, base["trace"], rep, max_reverse=1)
+            record(mode, "oracle floor (1 gradient / iteration)",
+                   dict(secs=osecs, forward=base["forward"],
+                        backward=sum(min(k, 1) for _, k in base["trace"])))
             bounds = (0.0, 1.0) if clip else (-1e6, 1e6)
             peer(mode, "foolbox", lambda: foolbox_df(counted, x, y, p, bounds, bs, rep), p)
             if clip:

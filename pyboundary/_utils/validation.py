@@ -147,28 +147,33 @@ def check_inputs(name: str, x, *, min_dim: int = 2, allow_empty: bool = True) ->
     return x.detach()
 
 
-def check_index_tensor(name: str, t, n: int, device=None):
-    """Validate an optional per-sample int64 index tensor of shape (n,); returns it on ``device``.
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
-    None passes through. Raises TypeError (not a tensor, not int64) or ValueError (wrong shape),
-    naming ``name`` and the value seen.
+
+def check_index_tensor(name: str, t, n: int, device=None):
+    """Validate an optional per-sample index tensor of shape (n,); returns it as int64 on ``device``.
+
+    Any integer dtype is accepted (numpy and datasets often give int32 or uint8 labels) and
+    converted; None passes through. Raises TypeError (not a tensor, not integer: floats and bools
+    are refused rather than truncated) or ValueError (wrong shape), naming ``name`` and the value seen.
     """
     if t is None:
         return None
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got {type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {t.dtype}")
+        raise TypeError(f"{name} must be an integer tensor of shape ({n},), got {type(t).__name__}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 or narrower), got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(t.shape)}")
-    return t if device is None else t.to(device)
+    return t.to(device=device if device is not None else t.device, dtype=torch.int64)
 
 
 def check_labels(labels, n: int, *, n_classes: int | None = None, device=None,
                  name: str = "labels") -> Tensor:
-    """Class indices: an int64 tensor of shape (n,), values in [0, n_classes) when known."""
+    """Class indices: an integer tensor of shape (n,) (returned as int64), values in
+    [0, n_classes) when known."""
     if labels is None:
-        raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got None")
+        raise TypeError(f"{name} must be an integer tensor of shape ({n},), got None")
     labels = check_index_tensor(name, labels, n, device)
     if n_classes is not None and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())

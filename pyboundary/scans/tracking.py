@@ -102,7 +102,7 @@ class MarginTracker:
             if not isinstance(xs, Tensor) or not isinstance(ys, Tensor):
                 raise TypeError(f"x_{split} and labels_{split} must both be tensors (or both None)")
             check_finite(f"x_{split}", xs)
-            check_labels(ys, xs.shape[0], name=f"labels_{split}")
+            ys = check_labels(ys, xs.shape[0], name=f"labels_{split}")
             idx = _subset(xs.shape[0], n_track, seed + (0 if split == "train" else 1))
             self.indices[split] = idx
             self.x[split] = xs[idx].detach()

@@ -120,7 +120,7 @@ class Subspace:
             return torch.zeros(n, dtype=torch.int64, device=device)
         if isinstance(idx, int):
             idx = torch.full((n,), idx, dtype=torch.int64, device=device)
-        check_index_tensor("subspace_index", idx, n)
+        idx = check_index_tensor("subspace_index", idx, n)
         if n and (int(idx.min()) < 0 or int(idx.max()) >= self.n_members):
             raise ValueError(
                 f"subspace_index values must lie in [0, {self.n_members - 1}] for "

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .._utils.results import Result
+from .._utils.validation import check_labels
 
 __all__ = [
     "ImageDataset",
@@ -389,15 +390,13 @@ def derived_dataset(x: Tensor, labels: Tensor, *, name: str, classes=None, split
     keyed on it (:func:`pyboundary.zoo.train_cached`, result stores) tell different data apart.
 
     Args:
-        x: (N, ...) float inputs; labels: (N,) int64 classes.
+        x: (N, ...) float inputs; labels: (N,) integer classes (stored as int64).
         name: a readable name recorded with the data (part of the identity).
         classes: class names (default: "0" .. str(max label)); split: recorded as given.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise TypeError(f"x must be a floating-point tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (x.shape[0],):
-        raise ValueError(f"labels must be an int64 tensor of shape ({x.shape[0]},), got "
-                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    labels = check_labels(labels, x.shape[0])
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     if classes is None:

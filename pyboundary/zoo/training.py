@@ -14,11 +14,12 @@ from .._utils.validation import check_int, check_labels, check_number
 __all__ = ["train", "accuracy"]
 
 
-def _check_data(x, labels) -> None:
+def _check_data(x, labels) -> Tensor:
+    """The labels as int64 after checking x and them."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}"
                         + (f" of {x.dtype}" if isinstance(x, Tensor) else ""))
-    check_labels(labels, x.shape[0])
+    return check_labels(labels, x.shape[0])
 
 
 def train(
@@ -63,7 +64,7 @@ def train(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_data(x, labels)
+    labels = _check_data(x, labels)
     epochs = check_int("epochs", epochs, minimum=0)
     batch_size = check_int("train_batch_size", train_batch_size, minimum=1)
     lr = check_number("lr", lr, minimum=0, strict_minimum=True)
@@ -116,7 +117,7 @@ def accuracy(model: Callable, x: Tensor, labels: Tensor, *, batch_size: int | No
     """Fraction of samples of x (N, ...) whose predicted class equals labels (N,).
 
     batch_size: input rows per model call (None: automatic)."""
-    _check_data(x, labels)
+    labels = _check_data(x, labels)
     if x.shape[0] == 0:
         raise ValueError("x is empty: accuracy is undefined")
     return float((predict(model, x, batch_size=batch_size) == labels.to(x.device)).double().mean())

@@ -543,6 +543,24 @@ def test_probability_warning_once_per_model(mlp, digits):
         deepfool(lambda z: mlp(z).softmax(1), x, max_iter=2)
 
 
+def test_narrow_integer_labels_and_indices(mlp, digits):
+    """int32 / uint8 labels, targets and member indices (as numpy and datasets hand them out) give
+    the numbers of int64 ones; bools and floats stay refused."""
+    x, y = digits[0][:6], digits[1][:6]
+    sub = DCTDiagonal((1, 8, 8), K=4, T=2)
+    idx = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = deepfool(mlp, x, labels=y, subspace=sub, subspace_index=idx)
+    for dtype in (torch.int32, torch.uint8):
+        got = deepfool(mlp, x, labels=y.to(dtype), subspace=sub, subspace_index=idx.to(dtype))
+        torch.testing.assert_close(got.margin, ref.margin, rtol=0, atol=0)
+        assert got.orig_label.dtype == torch.int64
+    target = (y + 1) % 10
+    torch.testing.assert_close(deepfool(mlp, x, target=target.int()).margin,
+                               deepfool(mlp, x, target=target).margin, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        deepfool(mlp, x, labels=y.bool())
+
+
 def test_bad_inputs(mlp, digits):
     x = digits[0][:4]
     bad = x.clone()
@@ -551,7 +569,7 @@ def test_bad_inputs(mlp, digits):
         deepfool(mlp, bad)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         deepfool(mlp, x, labels=torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(TypeError, match="labels must be int64"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         deepfool(mlp, x, labels=torch.zeros(4))
     with pytest.raises(ValueError, match="labels must lie in"):
         deepfool(mlp, x, labels=torch.full((4,), 12))

@@ -120,6 +120,11 @@ def test_pgd_bad_labels():
     x, y = _data()
     with pytest.raises(ValueError, match="labels"):
         adv.pgd(_mlp(), x, y[:-1], eps=0.1)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        adv.pgd(_mlp(), x, y.float(), eps=0.1)
+    model = _mlp()
+    torch.testing.assert_close(adv.pgd(model, x, y.int(), eps=0.1, seed=1), adv.pgd(model, x, y, eps=0.1, seed=1),
+                               rtol=0, atol=0)
 
 
 def test_parse_attack():

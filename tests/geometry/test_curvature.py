@@ -162,6 +162,12 @@ def test_mean_curvature_sign_and_magnitude_on_quadric():
     down = C.mean_curvature(model, x, labels=torch.zeros(3, dtype=torch.int64), n_dirs=400, h=0.1)
     torch.testing.assert_close(down.hutchinson, -up.hutchinson)
     torch.testing.assert_close(down.trace, -up.trace)
+    narrow = C.mean_curvature(model, x, labels=torch.zeros(3, dtype=torch.int32), n_dirs=400, h=0.1)
+    torch.testing.assert_close(narrow.trace, down.trace, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        C.mean_curvature(model, x, labels=torch.zeros(3), n_dirs=4)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        C.mean_curvature(model, x, labels=torch.full((3,), 2), n_dirs=4)
 
 
 def test_mean_curvature_exact_for_umbilic_quadric():

@@ -120,12 +120,26 @@ def test_train_validates_arguments():
         train(fresh(), x, y, epochs=-1, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         train(fresh(), x, y, epochs=1, train_batch_size=0, progress=False)
-    with pytest.raises(TypeError, match="labels must be int64"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         train(fresh(), x, y.float(), epochs=1, progress=False)
     with pytest.raises(ValueError, match="labels must have shape"):
         train(fresh(), x, y[:3], epochs=1, progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(fresh(), x, y, epochs=1, lr=0.0, progress=False)
+
+
+def test_train_and_accuracy_take_narrow_integer_labels():
+    """int32 / uint8 labels (numpy's defaults on some platforms, image datasets) train the same model."""
+    from pyboundary.zoo import accuracy
+
+    x, y = blobs(32)
+    torch.manual_seed(0)
+    wide = train(fresh(), x, y, epochs=2, train_batch_size=8, progress=False)
+    torch.manual_seed(0)
+    narrow = train(fresh(), x, y.to(torch.uint8), epochs=2, train_batch_size=8, progress=False)
+    for a, b in zip(wide.parameters(), narrow.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert accuracy(wide, x, y.int()) == accuracy(wide, x, y)
 
 
 # ----------------------------------------------------------------------------- weights hash

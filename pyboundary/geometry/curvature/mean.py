@@ -14,7 +14,7 @@ from ..._utils.batching import chunks
 from ..._utils.model import model_guard
 from ..._utils.results import Result
 from ..._utils.rng import random_unit_vectors
-from ..._utils.validation import check_choice, check_int, check_model
+from ..._utils.validation import check_choice, check_int, check_labels, check_model
 from .hvp import (
     DEFAULT_H_REL,
     SCHEMES,
@@ -165,12 +165,7 @@ def mean_curvature(
         if labels is None:
             ref = logits.argmax(1)
         else:
-            if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
-                got = getattr(labels, "shape", labels)
-                raise ValueError(f"labels must be an int64 tensor of shape ({n},), got {got!r}")
-            ref = labels.to(x.device)
-            if bool(((ref < 0) | (ref >= logits.shape[1])).any()):
-                raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {ref.unique().tolist()}")
+            ref = check_labels(labels, n, n_classes=logits.shape[1], device=x.device)
         cls = _resolve_classes(classes, logits, ref)
         # samples per chunk: their T directions each are ~batch_size rows (see _mean_curvature_samples)
         parts = [
