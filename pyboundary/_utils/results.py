@@ -8,13 +8,32 @@ never pickled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import fields, is_dataclass
+from typing import Iterator
 
 import numpy as np
 from torch import Tensor
 
-__all__ = ["Result", "format_mapping", "to_numpy_value"]
+__all__ = ["Result", "format_mapping", "to_numpy_value", "reading_saved"]
+
+
+@contextlib.contextmanager
+def reading_saved(path, what: str) -> Iterator[None]:
+    """Around the code that reads a saved result: a file that is not one (corrupt, truncated,
+    another kind) raises ValueError naming the file and what was expected, instead of the parser's
+    own error (a JSONDecodeError, an IndexError from an unpickler, a KeyError of a missing field).
+    A missing file stays FileNotFoundError; ValueErrors already naming the file pass through."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise
+        raise ValueError(f"{str(path)!r} is not a readable saved {what} (corrupt or another kind of file): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def to_numpy_value(value):

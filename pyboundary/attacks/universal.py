@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .._utils.model import CallCounter, model_device, predict
-from .._utils.results import Result
+from .._utils.results import Result, reading_saved
 from .._utils.validation import check_inputs, check_int, check_model, check_number, check_p
 from .deepfool import deepfool
 
@@ -179,12 +179,13 @@ class UniversalPerturbation(Result):
 
     @classmethod
     def load(cls, path) -> "UniversalPerturbation":
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or set(blob) != {"perturbation", "meta"}:
-            raise ValueError(f"{str(path)!r} is not a saved UniversalPerturbation")
-        meta = json.loads(blob["meta"])
-        meta["p"] = math.inf if meta["p"] == "inf" else float(meta["p"])
-        return cls(perturbation=blob["perturbation"], **meta)
+        with reading_saved(path, "UniversalPerturbation"):
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or set(blob) != {"perturbation", "meta"}:
+                raise ValueError(f"{str(path)!r} is not a saved UniversalPerturbation")
+            meta = json.loads(blob["meta"])
+            meta["p"] = math.inf if meta["p"] == "inf" else float(meta["p"])
+            return cls(perturbation=blob["perturbation"], **meta)
 
 
 # ------------------------------------------------------------------------------------ construction

@@ -70,10 +70,12 @@ def add_model_data(p, *, model_help: str | None = None, split: str = "test", lim
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of random draws (default 0)")
 
 
-def add_run_args(p, *, out_required: bool = False, batch_size_help: str | None = None) -> None:
+def add_run_args(p, *, out_required: bool = False, out_default: str | None = None,
+                 batch_size_help: str | None = None) -> None:
     """--out, --device, --batch-size, --no-progress."""
-    p.add_argument("--out", required=out_required, default=None,
-                   help="output folder" + ("" if out_required else " (default: nothing written)"))
+    out_help = ("" if out_required else f" (default {out_default})" if out_default
+                else " (default: nothing written)")
+    p.add_argument("--out", required=out_required, default=out_default, help="output folder" + out_help)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=batch_size_help or "input rows pushed through the model together (default: automatic)")

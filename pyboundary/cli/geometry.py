@@ -28,7 +28,7 @@ def register(sub) -> None:
         "detect", help="curvature-based detection of DeepFool-perturbed inputs",
         description="The detection study of Fawzi et al. (2018): every input is scored clean, as "
                     "DeepFool-perturbed copies x + alpha delta (L2, inside --clamp) and with Gaussian "
-                    "noise of the same norm; AUC with a bootstrap 95 %% interval, TPR at the target FPR "
+                    "noise of the same norm; AUC with a bootstrap 95 % interval, TPR at the target FPR "
                     "calibrated on the other half of the inputs, label recovery (argmax rule) on "
                     "flagged and all perturbed inputs, the noise control and Table II's curvature-sign "
                     "fractions. Prints the table and the cost per input; writes report.md, "
@@ -76,7 +76,7 @@ def register(sub) -> None:
     curv.add_argument("--at", choices=("input", "boundary"), default="input",
                       help="evaluate at the input or at its DeepFool boundary point (default input)")
     curv.add_argument("--profile-samples", type=nonnegative_int, default=4,
-                      help="inputs averaged in the profile plot (dense, D <= 4096; 0 = no plot)")
+                      help="inputs averaged in the profile plot (dense, D <= 4096; 0 = no plot; default 4)")
     curv.add_argument("--top-classes", type=_top_classes, default="auto",
                       help="other classes of the mean curvature: N (the N most likely), 'all', or 'auto' "
                            f"(default: all when the model has at most {AUTO_TOP_CLASSES + 1} classes, else the "
@@ -96,7 +96,8 @@ def register(sub) -> None:
                       help="comma-separated path scenarios (default all three; '' for none)")
     topo.add_argument("--pairs", type=positive_int, default=20, help="pairs per path scenario (default 20)")
     topo.add_argument("--convex-k", default="2,5,10",
-                      help="comma-separated numbers of inputs per convex combination ('' for none)")
+                      help="comma-separated numbers of inputs per convex combination, each >= 2 "
+                           "(default 2,5,10; '' for none)")
     topo.add_argument("--trials", type=positive_int, default=500, help="convex combinations per k (default 500)")
     topo.add_argument("--directions", type=nonnegative_int, default=20,
                       help="random directions per input for the line search (0 = skip; default 20)")
@@ -180,6 +181,8 @@ def cmd_topology(args) -> int:
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     ks = _number_list(args.convex_k, "--convex-k", int)
+    if any(k < 2 for k in ks):
+        raise UsageError(f"--convex-k values must be >= 2 (inputs per convex combination), got {args.convex_k!r}")
     model, data = load_model_and_data(args)
     x = data.x.to(args.device)
     print(f"pyboundary topology: model {args.model}, data {args.data}/{args.split} ({x.shape[0]} inputs)")
@@ -195,7 +198,7 @@ def cmd_topology(args) -> int:
         label = int(pred.mode().values)
         region = x[pred == label]
         too_many = [k for k in ks if k > region.shape[0]]
-        ks = [k for k in ks if 2 <= k <= region.shape[0]]
+        ks = [k for k in ks if k <= region.shape[0]]
         if too_many:
             print(f"convex combinations: k={','.join(map(str, too_many))} skipped (only {region.shape[0]} inputs "
                   f"predicted {label}, the most common class)")

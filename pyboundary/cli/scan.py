@@ -46,9 +46,8 @@ def register(sub) -> None:
                                       "28x28 images, print the summary table and write the plots.")
     demo.add_argument("--limit", type=positive_int, default=200, help="number of test images (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the test-image subset (default 0)")
-    add_run_args(demo, batch_size_help="(sample, subspace) pairs per engine call, each one input row "
-                                       "(default: automatic)")
-    demo.set_defaults(out="pyboundary-demo")
+    add_run_args(demo, out_default="pyboundary-demo",
+                 batch_size_help="(sample, subspace) pairs per engine call, each one input row (default: automatic)")
     add_memory_args(demo)
     add_deepfool_args(demo)
     demo.add_argument("--resume", action="store_true", help="continue the scan stored in --out")

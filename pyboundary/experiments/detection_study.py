@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .._utils.model import model_guard, predict
 from .._utils.plotting import pyplot, save_figure
-from .._utils.results import Result
+from .._utils.results import Result, reading_saved
 from .._utils.rng import make_generator
 from .._utils.validation import check_number
 from ..attacks.deepfool import deepfool
@@ -179,22 +179,26 @@ class DetectionStudy(Result):
     # ------------------------------------------------------------------ storage
 
     def save(self, path) -> Path:
-        """Write the arrays and settings to one ``.npz`` file (no pickle)."""
+        """Write the arrays and settings to ``path`` (numpy's ``.npz`` format under the name given;
+        no pickle); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f.name: getattr(self, f.name) for f in fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         meta = {"alphas": list(self.alphas), "params": self.params, "cost": self.cost, "names": list(self.names)}
-        np.savez(path, __meta__=np.array(json.dumps(meta, default=float)), **arrays)
+        with open(path, "wb") as fh:  # a file object: np.savez would append '.npz' to another name
+            np.savez(fh, __meta__=np.array(json.dumps(meta, default=float)), **arrays)
         return path
 
     @classmethod
     def load(cls, path) -> "DetectionStudy":
-        with np.load(Path(path), allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        return cls(alphas=tuple(meta["alphas"]), params=meta["params"], cost=meta["cost"], names=meta["names"],
-                   **arrays)
+        """Read a study written by :meth:`save` (any file name)."""
+        with reading_saved(path, "DetectionStudy"):
+            with np.load(Path(path), allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                arrays = {k: z[k] for k in z.files if k != "__meta__"}
+            return cls(alphas=tuple(meta["alphas"]), params=meta["params"], cost=meta["cost"],
+                       names=meta["names"], **arrays)
 
     # ------------------------------------------------------------------ figures
 

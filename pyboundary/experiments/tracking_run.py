@@ -11,11 +11,11 @@ from torch import nn
 
 from .._utils.results import Result
 from ..attacks.pgd import parse_attack, pgd_batch_transform
-from ..scans.store import ResultStore
+from ..scans.store import ResultStore, remove_store
 from ..scans.tracking import MarginTracker
 from ..zoo.architectures import build
 from ..zoo.data import load_dataset
-from ..zoo.training import train
+from ..zoo.training import check_training_settings, train
 
 __all__ = ["TrackingRun", "track"]
 
@@ -87,8 +87,13 @@ def track(
     transform = None
     if adversarial:
         transform = pgd_batch_transform(**parse_attack(adversarial), seed=seed)
+    epochs, train_batch_size, lr = check_training_settings(epochs, train_batch_size, lr)
     train_set = load_dataset(data, split="train", limit=n_train, seed=seed)
     test_set = load_dataset(data, split="test")
+    # everything that can be refused is checked before the store exists: a refused run must not
+    # leave a track.sqlite that blocks the corrected one
+    torch.manual_seed(seed)
+    model = build(arch, train_set.image_shape, train_set.n_classes)
     store = None
     if out is not None:
         out = Path(out)
@@ -102,17 +107,19 @@ def track(
                 "n_track": n_track, "seed": seed, "lr": lr, "batch_size": train_batch_size,
                 "deepfool": {k: repr(v) for k, v in (deepfool_kwargs or {}).items()}}
         store = ResultStore(out / TRACK_STORE, mode="create", meta=meta)
+    measured = False
     try:
-        torch.manual_seed(seed)
-        model = build(arch, train_set.image_shape, train_set.n_classes)
         tracker = MarginTracker(train_set.x, train_set.labels, test_set.x, test_set.labels, n_track=n_track,
                                 seed=seed, deepfool_kwargs=deepfool_kwargs, store=store, progress=progress)
         tracker.measure(0, model)
+        measured = True
         train(model, train_set.x, train_set.labels, epochs=epochs, train_batch_size=train_batch_size, lr=lr,
               seed=seed, batch_transform=transform, on_epoch_end=tracker, progress=progress)
     finally:
         if store is not None:
             store.close()
+            if not measured:  # refused before any result (e.g. bad DeepFool options): leave no store
+                remove_store(out / TRACK_STORE)
     paths = []
     if out is not None:
         paths.append(out / TRACK_STORE)

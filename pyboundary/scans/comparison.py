@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .._utils.results import Result
+from .._utils.results import Result, reading_saved
 from .._utils.validation import check_choice, check_int, check_number
 from .margins import MarginScan
 from .plots import plot_comparison
@@ -173,17 +173,18 @@ class ScanComparison(Result):
     @classmethod
     def load(cls, path) -> "ScanComparison":
         """Read a comparison written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        if data.pop("kind", None) != "scan_comparison":
-            raise ValueError(f"{str(path)!r} does not hold a scan comparison")
-        data.pop("version", None)
-        arrays = {"n_samples", "median", "p5", "p95", "n_converged", "ratio", "difference", "ci_low", "ci_high"}
-        kwargs = {k: (np.asarray(v, dtype=np.int64 if k in ("n_samples", "n_converged") else np.float64)
-                      if k in arrays else v) for k, v in data.items()}
-        r, s = len(kwargs["names"]), len(kwargs["subspace_labels"])
-        for k in ("difference", "ci_low", "ci_high"):
-            kwargs[k] = kwargs[k].reshape(r - 1, s)
-        return cls(**kwargs)
+        with reading_saved(path, "scan comparison"):
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict) or data.pop("kind", None) != "scan_comparison":
+                raise ValueError(f"{str(path)!r} does not hold a scan comparison")
+            data.pop("version", None)
+            arrays = {"n_samples", "median", "p5", "p95", "n_converged", "ratio", "difference", "ci_low", "ci_high"}
+            kwargs = {k: (np.asarray(v, dtype=np.int64 if k in ("n_samples", "n_converged") else np.float64)
+                          if k in arrays else v) for k, v in data.items()}
+            r, s = len(kwargs["names"]), len(kwargs["subspace_labels"])
+            for k in ("difference", "ci_low", "ci_high"):
+                kwargs[k] = kwargs[k].reshape(r - 1, s)
+            return cls(**kwargs)
 
     def plot(self, path) -> Path:
         """Write the figure (see :func:`pyboundary.scans.plots.plot_comparison`); returns its path."""

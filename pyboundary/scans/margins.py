@@ -36,7 +36,7 @@ from .._utils.memory import DEFAULT_PROBE_ROWS, format_bytes
 from .._utils.model import model_device
 from .._utils.results import Result
 from .._utils.stats import summarize
-from .._utils.validation import check_int, is_inf
+from .._utils.validation import check_int, check_p, is_inf
 from ..attacks.deepfool import deepfool
 from ..attacks.tight import TIGHT_CLASS_RATIO, TIGHT_CLASSES
 from ..subspaces import Subspace, parse_subspaces
@@ -575,7 +575,7 @@ def _engine_params(p, options: dict) -> dict:
     params = {k: v.default for k, v in sig.parameters.items()
               if k not in _OWN_ARGS and v.default is not inspect.Parameter.empty}
     params.update(options)
-    params["p"] = math.inf if is_inf(p) else float(p)
+    params["p"] = check_p(p)
     if not params.get("tight"):  # stores of plain scans keep the parameters they had before tight mode
         params.pop("tight", None)
         params.pop("tight_steps", None)

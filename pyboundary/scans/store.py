@@ -523,7 +523,7 @@ def _nan_to_inf(v):
 
 
 def remove_store(path) -> None:
-    """Delete a store file and its WAL/SHM companions (used for merged per-rank parts)."""
+    """Delete a store file and its WAL/SHM companions (merged per-rank parts, a refused run's store)."""
     for suffix in ("", "-wal", "-shm", "-journal"):
         try:
             os.remove(str(path) + suffix)

@@ -334,6 +334,7 @@ class MarginTracker:
             right = int(self.correct(split, e).sum())
             ax.bar(k, right, width=width, color="tab:green", edgecolor="k")
             ax.bar(k, n - right, bottom=right, width=width, color="tab:red", edgecolor="k")
+        labelled = set()  # each transition kind in the legend once, from its first band
         for k, t in enumerate(trans):
             # left stacks: right block [rr, rw], wrong block [wr, ww]; right stacks: [rr, wr] [rw, ww]
             r0 = t["right_right"] + t["right_wrong"]
@@ -348,10 +349,12 @@ class MarginTracker:
                     continue
                 lo = left[key] + (rightpos[key] - left[key]) * smooth
                 ax.fill_between(x, lo, lo + t[key], color=color, alpha=0.45, lw=0,
-                                label=key.replace("_", " -> ") if k == 0 else None)
+                                label=None if key in labelled else key.replace("_", " -> "))
+                labelled.add(key)
         ax.set_xticks(range(len(self.epochs)))
         ax.set_xticklabels([str(e) for e in self.epochs])
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split} samples (of {n})")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if labelled:  # a single measured epoch has no transitions
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         return save_figure(fig, path)

@@ -22,6 +22,14 @@ def _check_data(x, labels) -> Tensor:
     return check_labels(labels, x.shape[0])
 
 
+def check_training_settings(epochs, train_batch_size, lr) -> tuple[int, int, float]:
+    """(epochs, train_batch_size, lr) of :func:`train`, checked (epochs >= 0, batch >= 1, lr > 0):
+    for pipelines that must refuse bad settings before they create anything."""
+    return (check_int("epochs", epochs, minimum=0),
+            check_int("train_batch_size", train_batch_size, minimum=1),
+            check_number("lr", lr, minimum=0, strict_minimum=True))
+
+
 def train(
     model: nn.Module,
     x: Tensor,
@@ -65,9 +73,7 @@ def train(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     labels = _check_data(x, labels)
-    epochs = check_int("epochs", epochs, minimum=0)
-    batch_size = check_int("train_batch_size", train_batch_size, minimum=1)
-    lr = check_number("lr", lr, minimum=0, strict_minimum=True)
+    epochs, batch_size, lr = check_training_settings(epochs, train_batch_size, lr)
     device = torch.device(device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

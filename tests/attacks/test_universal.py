@@ -126,6 +126,13 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.perturbation, res.perturbation.cpu())
     assert back.summary() == res.summary() and math.isinf(back.p)
     assert "fooling rate" in res.format_summary()
+    for name, blob in (("text.pt", b"some text"), ("cut.pt", (tmp_path / "u.pt").read_bytes()[:200])):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{name}' is not a readable saved UniversalPerturbation"):
+            UniversalPerturbation.load(tmp_path / name)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a saved UniversalPerturbation"):
+        UniversalPerturbation.load(tmp_path / "other.pt")
 
 
 def test_bad_arguments():

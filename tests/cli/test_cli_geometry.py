@@ -129,3 +129,16 @@ def test_topology_cli_when_every_input_is_another_class(monkeypatch, tmp_path, c
     assert "paths (same-label): 0/0 valid" in out and "2 pairs skipped" in out
     assert "k=2,5,10 skipped (only 1 inputs" in out
     assert (tmp_path / "topology.json").exists()
+
+
+def test_topology_cli_refuses_convex_k_below_two(capsys):
+    assert cli.main(["topology", "--model", "m", "--data", "toy", "--convex-k", "1,5"]) == 2
+    assert "--convex-k values must be >= 2" in capsys.readouterr().err
+
+
+def test_demo_help_names_its_output_folder(capsys):
+    try:
+        assert cli.main(["demo", "--help"]) == 0
+    except SystemExit as e:  # argparse's own exit, when main lets it through
+        assert e.code == 0
+    assert "(default pyboundary-demo)" in capsys.readouterr().out

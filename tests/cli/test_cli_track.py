@@ -21,3 +21,18 @@ def test_cli_track_runs_end_to_end(tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot be resumed, so choose another --out"):
         track("mlp", "digits", epochs=1, n_track=4, out=out)
     assert cli.main(["track", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("args", [["--arch", "mlpp"], ["--lr=-1"], ["--n-track", "0"]])
+def test_refused_track_leaves_no_store(tmp_path, args):
+    """A run refused for a bad setting writes nothing, so the corrected command can use the folder."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    base = ["track", "--data", "digits", "--epochs", "1", "--limit", "64", "--out", str(out), "--no-progress"]
+    if "--arch" not in args:
+        base += ["--arch", "mlp"]
+    assert cli.main(base + args) == 2
+    assert not (out / "track.sqlite").exists()
+    assert cli.main(["track", "--arch", "mlp", "--data", "digits", "--epochs", "0", "--limit", "64",
+                     "--n-track", "4", "--max-iter", "5", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "track.sqlite").exists()

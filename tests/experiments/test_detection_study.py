@@ -114,6 +114,14 @@ def test_save_load_and_report_roundtrip(toy_study, tmp_path):
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["alphas"][0]["auc"] == 1.0
     assert "| 1 | 40 |" in (tmp_path / "rep" / "report.md").read_text()
+    # any file name: save writes and returns exactly the path it was given
+    assert st.save(tmp_path / "study.bin") == tmp_path / "study.bin"
+    assert DetectionStudy.load(tmp_path / "study.bin").format_summary() == st.format_summary()
+    (tmp_path / "bad.npz").write_bytes(b"not a numpy archive")
+    with pytest.raises(ValueError, match=r"bad.npz' is not a readable saved DetectionStudy"):
+        DetectionStudy.load(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError):
+        DetectionStudy.load(tmp_path / "missing.npz")
 
 
 def test_study_errors():

@@ -69,6 +69,9 @@ def test_holdmetight_table1_end_to_end(tmp_path, cache):
         run_entry("holdmetight-table1", out=out, params=SMALL_T1, progress=False)
     res.save(tmp_path / "res.json")
     assert ReproduceResult.load(tmp_path / "res.json") == res
+    (tmp_path / "bad.json").write_text('{"name": 1}')
+    with pytest.raises(ValueError, match="bad.json' is not a readable saved ReproduceResult"):
+        ReproduceResult.load(tmp_path / "bad.json")
     assert "holdmetight-table1 (budget scale)" in res.format_summary()
 
 

@@ -123,6 +123,11 @@ def test_protocol_save_load_pandas_plot(scans, tmp_path):
     assert list(frame["name"][:2]) == ["mlp standard", "mlp pgd"] and len(frame) == 10
     comp.save(tmp_path / "c.json")
     back = ScanComparison.load(tmp_path / "c.json")
+    for name, text in (("bad.json", "not json"), ("list.json", "[1, 2]"),
+                       ("cut.json", (tmp_path / "c.json").read_text()[:100])):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}' (is not a readable saved|does not hold a) scan comparison"):
+            ScanComparison.load(tmp_path / name)
     for k, v in comp.to_numpy().items():
         w = back.to_numpy()[k]
         if isinstance(v, np.ndarray):

@@ -282,6 +282,12 @@ def test_bad_arguments():
         margin_scan(model, [1, 2], "dct:K=4", progress=False)
     with pytest.raises(ValueError, match="resume"):
         margin_scan(model, x, "dct:K=4", resume=True, progress=False)
+    for bad in (None, "l3", 1):
+        with pytest.raises(ValueError, match="p must be 2 or inf"):
+            margin_scan(model, x, "dct:K=4", p=bad, progress=False)
+    # the spellings deepfool takes give the same scan
+    two = margin_scan(model, x, "dct:K=4", p=2, progress=False).margins
+    torch.testing.assert_close(margin_scan(model, x, "dct:K=4", p="L2", progress=False).margins, two)
 
 
 def test_channels_last_copy_same_margins_model_untouched():

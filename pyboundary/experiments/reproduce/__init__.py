@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..._utils.results import Result
+from ..._utils.results import Result, reading_saved
 from ..._utils.validation import check_int
 
 __all__ = ["Entry", "ENTRIES", "SCALES", "list_entries", "run_entry", "ReproduceResult"]
@@ -123,7 +123,8 @@ class ReproduceResult(Result):
 
     @classmethod
     def load(cls, path) -> "ReproduceResult":
-        return cls(**json.loads(Path(path).read_text()))
+        with reading_saved(path, "ReproduceResult"):
+            return cls(**json.loads(Path(path).read_text()))
 
 
 def run_entry(name: str, *, scale: str = "budget", out, seed: int = 0, progress: bool = True,
