@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import warnings
 import weakref
 from typing import Callable, Iterator
@@ -15,7 +16,7 @@ from .batching import DEFAULT_BATCH_SIZE, plan_batch_size
 from .memory import cpu_peak_supported
 
 __all__ = [
-    "model_guard", "check_logits", "forward_logits", "explain_dtype_errors", "model_device",
+    "model_guard", "check_logits", "forward_logits", "explain_input_errors", "model_device",
     "CallCounter", "predict", "forward_batch_size",
 ]
 
@@ -142,13 +143,15 @@ def forward_logits(model: Callable, x: Tensor, *, where: str = "model") -> Tenso
 
 
 @contextlib.contextmanager
-def explain_dtype_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iterator[None]:
-    """Turn a model failure caused by mixing float32 and float64 into a TypeError naming ``x``.
+def explain_input_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iterator[None]:
+    """Turn a model failure caused by the input's dtype or shape into an error naming ``x``.
 
-    A float64 ``x`` fed to a float32 model fails deep inside the model with a torch error about
-    matrix dtypes. Models that cast their input themselves are fine, so nothing is checked up
-    front: only when the block raises a RuntimeError while x's dtype differs from the model's
-    parameters is the error re-raised as a TypeError that says what to convert.
+    A float64 ``x`` fed to a float32 model, or an (N, 28, 28) batch fed to a convolution that
+    wants (N, 1, 28, 28), fails deep inside the model with a torch error about matrices or
+    channels. Models that cast or reshape their input themselves are fine, so nothing is checked
+    up front: only when the block raises a RuntimeError is it re-raised as a TypeError (x's dtype
+    differs from the model's parameters: what to convert) or a ValueError (torch's message is
+    about shapes: x's shape), the model's own message kept.
     """
     try:
         yield
@@ -156,13 +159,24 @@ def explain_dtype_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iter
         param = None
         if isinstance(model, nn.Module):
             param = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if param is None or param.dtype == x.dtype:
-            raise
-        raise TypeError(
-            f"the model failed on {name} of dtype {x.dtype}, and its parameters are {param.dtype}; "
-            f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
-            f"Model error: {err}"
-        ) from err
+        if param is not None and param.dtype != x.dtype:
+            raise TypeError(
+                f"the model failed on {name} of dtype {x.dtype}, and its parameters are {param.dtype}; "
+                f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
+                f"Model error: {err}"
+            ) from err
+        if _SHAPE_ERROR.search(str(err)):
+            raise ValueError(
+                f"the model failed on {name}, inputs of shape {tuple(x.shape[1:])} (a batch of {x.shape[0]}): "
+                f"give {name} the shape (N, ...) the model takes, e.g. (N, C, H, W) with the model's "
+                f"channels. Model error: {err}"
+            ) from err
+        raise
+
+
+#: torch's wording of shape mismatches inside a model (convolutions, linear layers, views)
+_SHAPE_ERROR = re.compile(r"expected input\[|to have \d+ channels|shapes cannot be multiplied|size mismatch|"
+                          r"is invalid for input of size|Expected \d+D|must match the size of tensor")
 
 
 def model_device(model: Callable, default=None) -> torch.device | None:

@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .. import ops
 from .._utils.batching import DEFAULT_BATCH_SIZE, BackoffState, map_with_backoff, plan_batch_size
-from .._utils.model import check_logits, explain_dtype_errors, model_guard
+from .._utils.model import check_logits, explain_input_errors, model_guard
 from .._utils.results import Result
 from .._utils.rng import make_generator
 from .._utils.stats import summarize
@@ -1186,7 +1186,7 @@ def deepfool(
         chunk(replace(ctx, n_forward=0, n_backward=0, prune_choices=0, prune_mismatch=0, trace=[],
                       tight_forward=0, tight_backward=0, gen=make_generator(seed, x.device)), 0, r)
 
-    with model_guard(model), torch.enable_grad(), explain_dtype_errors(model, x):
+    with model_guard(model), torch.enable_grad(), explain_input_errors(model, x):
         plan = plan_batch_size(probe, n, device=x.device, batch_size=batch_size, memory_budget=memory_budget,
                                default=DEFAULT_BATCH_SIZE, unit="samples", reuse=(model, _probe_key(ctx, x)))
         calls = plan.state() if _calls is None else _calls

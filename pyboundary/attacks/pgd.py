@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils.batching import DEFAULT_BATCH_SIZE, chunks, plan_batch_size
-from .._utils.model import explain_dtype_errors, forward_logits, model_guard
+from .._utils.model import explain_input_errors, forward_logits, model_guard
 from .._utils.rng import make_generator
 from .._utils.validation import (
     check_clamp,
+    check_in_box,
     check_inputs,
     check_int,
     check_labels,
@@ -98,7 +99,8 @@ def pgd(
         steps: number of ascent steps (>= 1).
         step_size: per-step length; default 2.5 * eps / steps.
         random_start: start from a uniform point of the ball (else from x).
-        clamp: (low, high) box for the adversarial inputs, or None.
+        clamp: (low, high) box for the adversarial inputs (default (0, 1): images in [0, 1]), or
+            None (e.g. for normalised inputs). x must lie inside it (ValueError otherwise).
         seed: seed of the random start (None: torch's global generator).
         targeted: descend towards ``labels`` instead of ascending away from them.
         batch_size: input rows per forward and reverse pass (None: the largest that fits the
@@ -113,6 +115,7 @@ def pgd(
     eps, steps, step_size, clamp = _check_pgd_args(eps, steps, step_size, clamp)
     check_model(model)
     x = check_inputs("x", x)
+    check_in_box("x", x, clamp)  # else the projection onto the box would move x by more than eps
     labels = check_labels(labels, x.shape[0], device=x.device)
     if eps == 0 or x.shape[0] == 0:
         return x.clone()
@@ -132,7 +135,7 @@ def pgd(
             (grad,) = torch.autograd.grad(sign * loss, x_adv)
         return grad
 
-    with model_guard(model), explain_dtype_errors(model, x):
+    with model_guard(model), explain_input_errors(model, x):
         plan = plan_batch_size(lambda r: gradient(torch.arange(r, device=x.device) % n, delta[:1]), n,
                                device=x.device, batch_size=batch_size, default=DEFAULT_BATCH_SIZE,
                                max_batch_size=DEFAULT_BATCH_SIZE, reuse=(model, ("pgd", tuple(x.shape[1:]), x.dtype)))
@@ -190,7 +193,8 @@ def pgd_batch_transform(
     adversarial training of Madry et al. The attack runs with the model in eval mode and frozen
     parameters; the model's train mode and ``requires_grad`` flags are restored before the
     training step. The replaced subset and the random starts come from a generator seeded once
-    with ``seed`` (deterministic across runs).
+    with ``seed`` (deterministic across runs). ``clamp`` as for :func:`pgd` (batches outside the
+    box are refused; None for normalised inputs).
     """
     p = check_p(p)
     eps, steps, step_size, clamp = _check_pgd_args(eps, steps, step_size, clamp)

@@ -160,7 +160,8 @@ def load_model_and_data(args, *, stream: bool = False):
     else:
         ds = zoo.load_dataset(args.data, split=args.split, limit=args.limit, seed=args.seed)
         in_shape, n_classes = tuple(ds.x.shape[1:]), len(ds.classes)
-    model = zoo.load_model(args.model, in_shape=in_shape, n_classes=n_classes)
+    model = zoo.load_model(args.model, in_shape=in_shape, n_classes=n_classes,
+                           progress=not getattr(args, "no_progress", False))
     return model.to(device(args.device)), ds
 
 

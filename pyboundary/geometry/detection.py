@@ -161,6 +161,7 @@ class DetectionScores(Result):
 def calibrate_threshold(clean_scores, fpr: float) -> float:
     """The decision threshold for a target false-positive rate: the smallest clean score t such
     that #(score > t) <= fpr * n. clean_scores: (n,) finite scores, n >= 1; fpr in (0, 1)."""
+    fpr = check_number("fpr", fpr, minimum=0, maximum=1, strict_minimum=True, strict_maximum=True)
     s = np.sort(_as_scores("clean_scores", clean_scores))
     n = s.size
     allowed = int(math.floor(fpr * n + 1e-9))  # inputs allowed above the threshold

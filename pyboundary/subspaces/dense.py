@@ -158,12 +158,25 @@ class RandomSubspaces(_DenseBases):
         return b
 
 
+def _as_member_matrices(b: Tensor, shape: tuple, D: int) -> Tensor | None:
+    """A user basis as (n, D, m): its layout is ([n,] X, m) with X = D, the image shape (C, H, W)
+    or, for one channel, (H, W); None when it is none of these."""
+    tails = [(D,), shape] + ([shape[1:]] if len(shape) == 3 and shape[0] == 1 else [])
+    for tail in tails:
+        k = len(tail)
+        if b.dim() in (k + 1, k + 2) and tuple(b.shape[-1 - k:-1]) == tuple(tail):
+            n = b.shape[0] if b.dim() == k + 2 else 1
+            return b.reshape(n, D, b.shape[-1])
+    return None
+
+
 class UserBasis(_DenseBases):
     """User-given orthonormal bases: ``basis`` (D, m) for one member or (n, D, m) for n members.
 
     Columns must be orthonormal (max |B^T B - I| <= ``atol``, default 1e-5 for float32 input and
     1e-10 for float64); a ValueError reports the error seen otherwise. D may also be given as the
-    image shape: (C, H, W, m) or (n, C, H, W, m) are flattened.
+    image shape: (C, H, W, m) or (n, C, H, W, m) are flattened, and so are (H, W, m) and
+    (n, H, W, m) for one-channel images.
     """
 
     name = "user"
@@ -175,15 +188,11 @@ class UserBasis(_DenseBases):
             raise TypeError(f"basis must be a torch.Tensor, got {type(basis).__name__}")
         if not basis.is_floating_point():
             raise TypeError(f"basis must be floating point, got {basis.dtype}")
-        b = basis.detach()
-        if b.dim() >= 4:
-            b = b.reshape(-1, D, b.shape[-1]) if b.dim() == 5 else b.reshape(1, D, b.shape[-1])
-        elif b.dim() == 2:
-            b = b.unsqueeze(0)
-        if b.dim() != 3 or b.shape[1] != D or b.shape[2] < 1:
+        b = _as_member_matrices(basis.detach(), shape, D)
+        if b is None or b.shape[2] < 1:
             raise ValueError(
-                f"basis must have shape (D, m) or (n, D, m) with D = {D} for image shape {shape}, "
-                f"got {tuple(basis.shape)}"
+                f"basis must have shape (D, m) or (n, D, m) with D = {D} for image shape {shape} "
+                f"(or the image shape in place of D), got {tuple(basis.shape)}"
             )
         if not bool(torch.isfinite(b).all()):
             raise ValueError("basis contains non-finite values")

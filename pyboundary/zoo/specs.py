@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._utils.model import model_guard
 from .architectures import _BUILDERS, ARCHS, build
 from .cache import canonical_dataset, load_state_file, reference_model
-from .data import DATASETS
+from .data import DATASETS, load_dataset
 from .pretrained import PRETRAINED
 
 __all__ = ["load_model"]
@@ -92,7 +92,7 @@ def _load_file(path: str) -> nn.Module:
                          f"e.g. 'lenet@{path}' (archs: {list(ARCHS)})") from None
 
 
-def load_model(spec: str, in_shape=None, n_classes: int | None = None) -> nn.Module:
+def load_model(spec: str, in_shape=None, n_classes: int | None = None, *, progress: bool = True) -> nn.Module:
     """A model from a command-line spec, in eval mode on CPU.
 
     Spec kinds:
@@ -106,12 +106,20 @@ def load_model(spec: str, in_shape=None, n_classes: int | None = None) -> nn.Mod
           pyboundary cache file), loaded with ``weights_only=True`` into ``build(arch, in_shape,
           n_classes)``; in_shape is required unless the file records it, n_classes defaults to
           the size of the last bias.
+
+    ``in_shape`` / ``n_classes`` (the data's): the model must take (1, *in_shape) and return
+    n_classes logits (ValueError otherwise); a built-in model is checked against the data it is
+    trained on before any training. ``progress``: the training bar of a built-in model that is
+    not cached yet.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"model spec must be a non-empty str, got {spec!r}")
-    model = _load_spec(spec, in_shape, n_classes)
+    builtin = _parse_builtin(spec)
+    if builtin is not None and in_shape is not None:
+        _check_builtin_fits(spec, builtin[1], tuple(in_shape), n_classes)
+    model = _load_spec(spec, in_shape, n_classes, progress)
     if in_shape is not None:
         _check_fits(model, spec, tuple(in_shape), n_classes)
     return model
@@ -133,12 +141,21 @@ def _check_fits(model, spec: str, in_shape: tuple, n_classes: int | None) -> Non
         raise ValueError(f"model {spec!r} returns {out.shape[1]} classes but the data has {n_classes}")
 
 
-def _load_spec(spec: str, in_shape, n_classes) -> nn.Module:
+def _check_builtin_fits(spec: str, dataset: str, in_shape: tuple, n_classes: int | None) -> None:
+    """A built-in model is trained on ``dataset``: refuse other data before training it."""
+    ref = load_dataset(dataset, split="test", limit=1)
+    if ref.image_shape != in_shape or (n_classes is not None and ref.n_classes != n_classes):
+        raise ValueError(f"model {spec!r} is trained on {dataset} ({ref.n_classes} classes of shape "
+                         f"{ref.image_shape}); the data has {n_classes} classes of shape {in_shape}: "
+                         "choose a model for this data (a built-in one named after it, or your own)")
+
+
+def _load_spec(spec: str, in_shape, n_classes, progress: bool = True) -> nn.Module:
     if spec in PRETRAINED:
         return PRETRAINED[spec]()
     builtin = _parse_builtin(spec)
     if builtin is not None:
-        return reference_model(*builtin)
+        return reference_model(*builtin, progress=progress)
     if os.path.isfile(spec):
         return _load_file(spec)
     if "@" in spec:

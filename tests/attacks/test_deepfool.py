@@ -700,6 +700,23 @@ def test_float64_input_to_float32_model_is_a_clear_type_error():
         deepfool(model, x.double())
 
 
+def test_input_of_the_wrong_shape_is_a_clear_value_error():
+    """(N, H, W) for a conv model that takes (N, 1, H, W): the error names x and its shape, with
+    torch's message kept; other model failures pass through unchanged."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"failed on x, inputs of shape \(8, 8\).*to have 1 channels"):
+        deepfool(net, x[:, 0])
+    with pytest.raises(ValueError, match=r"inputs of shape \(1, 6, 8\).*shapes cannot be multiplied"):
+        deepfool(net, x[:, :, :6])
+
+    def broken(z):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        deepfool(broken, x)
+
+
 def test_model_invariant_inside_a_member_fails_instead_of_a_huge_margin():
     """The boundary of a binary affine model whose w has no component in a DCT block never meets
     that block: the margin there is inf (not the ~1e15 a step along rounding noise would give),

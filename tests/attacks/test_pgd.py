@@ -116,6 +116,20 @@ def test_pgd_bad_arguments(kwargs, match):
         adv.pgd(_mlp(), x, y, **kwargs)
 
 
+def test_pgd_refuses_inputs_outside_its_box():
+    """Normalised inputs with the default box (0, 1): the projection would move x by far more
+    than eps, so pgd and the training transform refuse them; clamp=None attacks them in the ball."""
+    model = _mlp()
+    x, y = _data()
+    xn = (x - 0.5) / 0.25
+    with pytest.raises(ValueError, match=r"x must lie inside the clamp box \[0, 1\]"):
+        adv.pgd(model, xn, y, eps=0.05, steps=2)
+    with pytest.raises(ValueError, match="clamp box"):
+        adv.pgd_batch_transform(0.05, 2, frac=1.0)(model, xn, y)
+    out = adv.pgd(model, xn, y, eps=0.05, steps=2, clamp=None, seed=0)
+    assert float((out - xn).abs().max()) <= 0.05 + 1e-6
+
+
 def test_pgd_bad_labels():
     x, y = _data()
     with pytest.raises(ValueError, match="labels"):

@@ -76,6 +76,9 @@ def test_calibrate_threshold_rule():
     assert calibrate_threshold(s, 0.05) == 19.0  # one score (20) may lie above
     assert calibrate_threshold(s, 0.01) == 20.0
     assert calibrate_threshold(s, 0.5) == 10.0
+    for bad in (0.0, 1.0, 1.5, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="fpr must"):
+            calibrate_threshold(s, bad)
 
 
 def test_bootstrap_ci_brackets_the_auc_and_is_seeded():

@@ -162,6 +162,24 @@ def test_user_basis_validation():
         parse_subspaces(UserBasis(q, SHAPE).spec, SHAPE)
 
 
+
+def test_user_basis_layouts_give_the_same_members():
+    """(D, m), (C, H, W, m), and for one-channel images (H, W, m), with or without a member axis."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(2, 7 * 9, 3, generator=g, dtype=torch.float64))
+    ref = UserBasis(q, (7, 9))
+    x = torch.randn(2, 1, 7, 9, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 1])
+    for layout in (q.reshape(2, 1, 7, 9, 3), q.reshape(2, 7, 9, 3)):
+        for image_shape in ((7, 9), (1, 7, 9)):
+            other = UserBasis(layout, image_shape)
+            assert other.spec == ref.spec
+            torch.testing.assert_close(other.analysis(x, idx), ref.analysis(x, idx), rtol=0, atol=0)
+    assert UserBasis(q[0].reshape(7, 9, 3), (7, 9)).n_members == 1
+    with pytest.raises(ValueError, match=r"image shape in place of D\), got \(2, 9, 7, 3\)"):
+        UserBasis(q.reshape(2, 9, 7, 3), (7, 9))
+
+
 @pytest.mark.parametrize(
     "spec,cls,n",
     [("full", FullSpace, 1), ("dct:K=4,T=2", DCTDiagonal, 5), ("dct:K=4", DCTDiagonal, 9),

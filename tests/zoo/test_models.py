@@ -280,6 +280,22 @@ def test_load_model_builtin_name(cache, monkeypatch):
     assert calls == [("lenet", "fashion-mnist"), ("resnet-small", "digits"), ("mlp", "mnist5k")]
 
 
+
+def test_builtin_model_on_other_data_is_refused_before_training(monkeypatch):
+    """mlp-digits (8x8 digits) asked for 28x28 data: refused at once, not after training it; the
+    training bar follows progress."""
+    pytest.importorskip("sklearn")
+    calls = []
+    monkeypatch.setattr(zoo_specs, "reference_model", lambda *a, **k: calls.append((a, k)) or nn.Identity())
+    with pytest.raises(ValueError, match=r"'mlp-digits' is trained on digits \(10 classes of shape \(1, 8, 8\)\)"):
+        load_model("mlp-digits", in_shape=(1, 28, 28), n_classes=10)
+    with pytest.raises(ValueError, match="the data has 3 classes"):
+        load_model("mlp-digits", in_shape=(1, 8, 8), n_classes=3)
+    assert calls == []
+    load_model("mlp-digits", progress=False)
+    assert calls == [(("mlp", "digits"), {"progress": False})]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit")
 def test_load_model_torchscript_and_state_dict(tmp_path):
     model = fresh("lenet", (1, 8, 8), 4).eval()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..._utils.batching import DEFAULT_BATCH_SIZE, chunks, plan_batch_size
-from ..._utils.model import check_logits, explain_dtype_errors, model_guard
+from ..._utils.model import check_logits, explain_input_errors, model_guard
 from ..._utils.rng import make_generator
 from ..._utils.validation import check_choice, check_finite, check_inputs, check_model
 
@@ -86,7 +86,7 @@ def _fd_setup(x: Tensor, d: int, h, h_rel: float, seed):
 def _logits(model, xb: Tensor) -> Tensor:
     """The model's checked logits (B, L) at a batch xb (B, *shape): the curvature code's one model
     call (a float32 / float64 mix is reported as a TypeError saying what to convert)."""
-    with explain_dtype_errors(model, xb):
+    with explain_input_errors(model, xb):
         out = model(xb)
     check_logits(out, xb.shape[0])
     return out
