@@ -200,7 +200,7 @@ def train_cached(
         lr: Adam learning rate (default 3e-3).
         train_batch_size: samples per Adam step (default 128).
         batch_transform: optional ``f(model, xb, yb) -> (xb, yb)`` applied to every batch (e.g.
-            :func:`pyboundary.attacks.pgd_batch_transform` for adversarial training).
+            :func:`pyboundary.attacks.pgd.pgd_batch_transform` for adversarial training).
         transform_spec: a string identifying ``batch_transform`` completely (e.g. its function
             and every setting), hashed into the cache key; required with ``batch_transform`` and
             refused without it (ValueError). Two transforms with the same spec share a cache file.
