@@ -147,10 +147,11 @@ def learn_mask(
 
     Args:
         model: callable (N, C, H, W) -> (N, L) logits; frozen and left unchanged.
-        x: (N, C, H, W) inputs; labels: optional (N,) int64 classes (default: the model's
-            predictions).
+        x: (N, C, H, W) inputs.
+        labels: optional (N,) int64 classes (default: the model's predictions).
         basis: 'dct' or 'fft'.
-        lam: sparsity weight (>= 0); penalty_exponent: q of the penalty (sum |m|^q)^(1/q) (> 0, e.g. 1).
+        lam: sparsity weight (>= 0).
+        penalty_exponent: q of the penalty (sum |m|^q)^(1/q) (> 0, e.g. 1).
         steps: Adam steps (>= 1) on random mini-batches of ``train_batch_size`` samples (seeded);
             a mini-batch larger than the memory budget allows in one pass is accumulated over
             smaller ones (same gradient).

@@ -106,6 +106,16 @@ def load_model(spec: str, in_shape=None, n_classes: int | None = None) -> nn.Mod
           pyboundary cache file), loaded with ``weights_only=True`` into ``build(arch, in_shape,
           n_classes)``; in_shape is required unless the file records it, n_classes defaults to
           the size of the last bias.
+
+    Args:
+        spec: the spec string (or a path-like for a file).
+        in_shape: optional per-sample input shape (C, H, W); when given, one forward pass on
+            zeros checks that the model takes it (and gives ``n_classes`` logits when that is
+            given).
+        n_classes: optional number of classes (``<arch>@<file>`` specs; also checked with
+            ``in_shape``).
+    Returns:
+        the nn.Module, in eval mode on CPU.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)

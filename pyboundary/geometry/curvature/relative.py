@@ -101,7 +101,8 @@ class NoiseAccuracy(Result):
     Attributes:
         clean, subspace, complement: accuracies (fractions) on the clean inputs and under noise
             inside the subspace / inside its orthogonal complement (over N x n_draws draws).
-        radius: the L2 norm of every noise draw (input units); n_draws: draws per sample and space.
+        radius: the L2 norm of every noise draw (input units).
+        n_draws: draws per sample and space.
     """
 
     clean: float
