@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     .venv/bin/python benchmarks/bench_deepfool.py --n 500 --threads 1 --json out/bench_deepfool.json
 
-Model: ``pyboundary.models.reference_model('lenet', 'fashion-mnist')`` (trained once on CPU and
+Model: ``pyboundary.reference_model('lenet', 'fashion-mnist')`` (trained once on CPU and
 cached), the first ``--n`` Fashion-MNIST test images (seeded subset), labels = the model's
 predictions (every method measures the margin of the predicted class).
 

@@ -193,8 +193,23 @@ def pgd_batch_transform(
     adversarial training of Madry et al. The attack runs with the model in eval mode and frozen
     parameters; the model's train mode and ``requires_grad`` flags are restored before the
     training step. The replaced subset and the random starts come from a generator seeded once
-    with ``seed`` (deterministic across runs). ``clamp`` as for :func:`pgd` (batches outside the
-    box are refused; None for normalised inputs).
+    with ``seed`` (deterministic across runs).
+
+    Args:
+        eps: radius of the PGD ball, >= 0, input units (eps = 0: batches are left unchanged).
+        steps: PGD ascent steps per batch (>= 1).
+        frac: fraction in [0, 1] of each batch replaced by PGD examples (round(frac * batch)
+            samples; default 0.5).
+        p: the norm of the ball, inf (default) or 2 (also 'inf'/'linf').
+        step_size: per-step length (None: :func:`pgd`'s default 2.5 * eps / steps).
+        clamp: (low, high) box of the adversarial inputs (default (0, 1)), or None (e.g. for
+            normalised inputs); batches outside the box are refused, as by :func:`pgd`.
+        seed: seed of the generator drawing the replaced subsets and the PGD random starts.
+    Returns:
+        the transform ``f(model, xb, yb) -> (xb, yb)`` (a new xb; yb unchanged). Its ``spec``
+        attribute holds p, eps, steps and frac (not step_size, clamp or seed: a
+        ``transform_spec`` for :func:`pyboundary.zoo.cache.train_cached` must add those itself
+        when they differ from the defaults).
     """
     p = check_p(p)
     eps, steps, step_size, clamp = _check_pgd_args(eps, steps, step_size, clamp)

@@ -129,11 +129,16 @@ class UniversalPerturbation(Result):
         norm: ||v||_p, in input units.
         eps: radius of the ball the construction ended with (norm <= eps; smaller after refine).
         fooling_rate: fraction of the construction inputs whose prediction x + v changes.
-        target: the requested fooling rate; reached: fooling_rate >= target.
-        n: number of construction inputs; passes: passes over them.
+        target: the requested fooling rate (the ``fooling_rate`` argument), in (0, 1].
+        reached: bool, fooling_rate >= target at the end of the run (False when ``max_passes``
+            passes did not get there; v is then not refined).
+        n: number of construction inputs.
+        passes: int, passes made over the construction inputs (1 to ``max_passes``).
         history: per pass, dict(pass, eps, fooling_rate, norm, updates).
-        n_deepfool: per-input DeepFool runs; n_forward, n_backward: the engine's batched passes
-            (plus the prediction passes in n_forward).
+        n_deepfool: per-input DeepFool runs (inputs attacked, the radius probe included).
+        n_forward: int, batched forward passes: those of the DeepFool engine calls plus the
+            batched prediction calls (clean labels, fooling checks, the final scaling).
+        n_backward: int, batched reverse passes of the DeepFool engine calls.
         params: the settings of the run.
     """
 
@@ -360,14 +365,22 @@ class UniversalEvaluation(Result):
     """Result of :func:`evaluate_universal` on a set of (held-out) inputs.
 
     Attributes:
-        n: inputs evaluated; p: the norm; norm: ||v||_p.
-        fooling_rate: fraction of them whose prediction x + v changes.
+        n: int, inputs evaluated.
+        p: the norm of the comparison (2.0 or inf).
+        norm: float, ||v||_p of the evaluated perturbation, in input units (> 0).
+        fooling_rate: fraction of the inputs whose prediction x + v changes, in [0, 1].
         random_fooling_rate: mean fooling rate of ``n_random`` random perturbations of the same
-            norm (uniform directions for p = 2, random sign vectors for p = inf); random_se: its SE
-            over the draws; gap: fooling_rate / random_fooling_rate (inf if the latter is 0).
-        subspace_energy: ||P_S v||^2 / ||v||^2 for S = span(basis) (NaN without a basis);
-            complement_energy: 1 - subspace_energy; random_energy: m / D, the expected fraction of
-            a uniformly random direction; subspace_dim: m.
+            norm (uniform directions for p = 2, random sign vectors for p = inf), in [0, 1].
+        random_se: float, standard error of random_fooling_rate over the ``n_random`` draws
+            (sample standard deviation / sqrt(n_random); NaN when n_random = 1).
+        gap: float, fooling_rate / random_fooling_rate (inf when the latter is 0).
+        subspace_energy: ||P_S v||_2^2 / ||v||_2^2 for S = span(basis), in [0, 1] (NaN without a
+            basis).
+        complement_energy: 1 - subspace_energy, the fraction of ||v||_2^2 outside S (NaN without
+            a basis).
+        random_energy: m / D, the expected subspace_energy of a uniformly random direction (NaN
+            without a basis).
+        subspace_dim: int, m, the dimension of S (0 without a basis).
     """
 
     n: int

@@ -45,6 +45,8 @@ class CurvatureReport(Result):
             always at x).
         profile: (D - 1,) ascending principal curvatures of the runner-up boundary averaged over
             the first ``profile_samples`` inputs (dense), or None.
+        profile_samples: int, inputs actually averaged in ``profile`` (min(profile_samples, N);
+            0 when no profile was computed).
         forward_per_input, backward_per_input: model rows spent per input.
         settings: n, k, at, h_rel, scheme, n_dirs, classes (None: all other classes; an int: that
             many most likely) and whatever the caller adds (e.g. model, data).
@@ -107,14 +109,20 @@ def curvature_report(model: Callable, x: Tensor, *, k: int = 5, n_dirs: int = 20
     """Curvature statistics of ``model`` at inputs x (N, *shape).
 
     Args:
-        k: principal curvatures at each end (Lanczos); n_dirs: random directions of the mean
-            curvature; h_rel, scheme: finite differences; at: 'input' or 'boundary' (the DeepFool
-            boundary point) for the principal curvatures; profile_samples: inputs averaged in the
-            dense profile (0: none; skipped for D > 4096); seed: random directions; top_classes:
-            the other classes of the mean curvature: None (all), k (the k most likely) or 'auto'
-            (all when L - 1 <= :data:`~pyboundary.geometry.detection.AUTO_TOP_CLASSES`, else that
-            many most likely: each class costs 1 reverse and 2 forward rows per input, 3000 rows on
-            ImageNet for all 999); batch_size: input rows per model call (None: automatic).
+        model: callable (N, *shape) -> (N, L) logits (left unchanged).
+        x: (N, *shape) inputs, at least 2 features each.
+        k: principal curvatures at each end (Lanczos).
+        n_dirs: random directions of the mean curvature.
+        h_rel: finite-difference step relative to ||x_n||_2.
+        scheme: finite differences 'central', 'forward' or 'exact'.
+        at: 'input' or 'boundary' (the DeepFool boundary point) for the principal curvatures.
+        profile_samples: inputs averaged in the dense profile (0: none; skipped for D > 4096).
+        seed: seeds the random directions.
+        top_classes: the other classes of the mean curvature: None (all), k (the k most likely)
+            or 'auto' (all when L - 1 <= :data:`~pyboundary.geometry.detection.AUTO_TOP_CLASSES`,
+            else that many most likely: each class costs 1 reverse and 2 forward rows per input,
+            3000 rows on ImageNet for all 999).
+        batch_size: input rows per model call (None: automatic).
     Returns:
         :class:`CurvatureReport`.
     """

@@ -38,25 +38,41 @@ class DetectionEvaluation(Result):
 
     The clean inputs are split in two halves (seeded): the threshold is fitted on the first
     (calibration) half; the second half and the DeepFool-perturbed copies of it are scored.
-    Attributes (rates are fractions in [0, 1]):
+    Rates are fractions in [0, 1].
+
+    Attributes:
         accuracy: correct decisions over evaluation clean + perturbed inputs at the threshold.
-        tpr, fpr: detection rate on perturbed, false alarms on clean evaluation inputs.
-        auc: ROC AUC (clean evaluation vs perturbed); roc: the :class:`RocCurve`.
+        tpr: detection rate (flagged fraction) on the perturbed inputs.
+        fpr: false alarms (flagged fraction) on the clean evaluation inputs.
+        auc: ROC AUC (clean evaluation vs perturbed).
         recovery: perturbed inputs whose recovered label is the original prediction, among
-            the flagged ones; recovery_all: the same rule applied to every perturbed input;
-            recovery_nearest: baseline without curvature, the runner-up class (largest other
+            the flagged ones (NaN when none is flagged).
+        recovery_all: the same rule applied to every perturbed input.
+        recovery_nearest: baseline without curvature, the runner-up class (largest other
             logit) of every perturbed input.
-        n_calibration, n_eval, n_perturbed: counts (perturbed: DeepFool converged).
-        threshold: the calibrated threshold; margin_median: median DeepFool L2 margin.
-        forward_per_input, backward_per_input: model rows per scored input; inputs_per_s: scoring
-            throughput; seconds: wall time of the scoring.
+        n_calibration: int, clean inputs the threshold was fitted on (N // 2).
+        n_eval: int, clean evaluation inputs (N - N // 2).
+        n_perturbed: int, perturbed copies scored (those where DeepFool converged and changed
+            the label).
+        threshold: the calibrated score threshold (1 / input units; scores above it are flagged).
+        margin_median: median DeepFool L2 margin of the perturbed copies (input units).
+        forward_per_input: model rows (forward) per scored input, calibration included.
+        backward_per_input: model rows (reverse) per scored input, calibration included.
+        inputs_per_s: scored inputs (calibration, clean and perturbed evaluation) per second.
+        seconds: wall time (``time.perf_counter``) of the calibration and of the scoring of the
+            clean and perturbed evaluation inputs (not the DeepFool attack, the noise control
+            or the profiles).
+        roc: the :class:`RocCurve` (clean evaluation vs perturbed).
+        params: dict of the settings: n_dirs, h, h_rel, fpr_target, overshoot, estimator, seed.
         noise_auc, noise_fpr: control (``noise_control=True``): the evaluation inputs plus random
             Gaussian noise with the L2 norm of their DeepFool perturbations (labels unchanged) are
             scored as clean: AUC of those vs the perturbed inputs, and how many of them the
             threshold flags. A detector that reacts to *any* perturbation, not to the boundary
             crossing, has noise_auc ~ 0.5 and noise_fpr ~ tpr. NaN when not computed.
-        profile_clean, profile_perturbed: (D - 1,) sorted principal curvatures averaged over
-            ``profile_samples`` inputs (dense), or None.
+        profile_clean, profile_perturbed: (D - 1,) float64 numpy arrays, the ascending
+            principal curvatures (dense spectrum, 1 / input units) averaged over up to
+            ``profile_samples`` clean evaluation / perturbed inputs; None when
+            profile_samples = 0 or D > 4096.
     """
 
     accuracy: float
@@ -159,7 +175,8 @@ def evaluate_detection(
     """Evaluate the curvature detector on clean inputs and their DeepFool-perturbed copies.
 
     Args:
-        model: the classifier (never modified); x: (N, *shape) clean inputs, N >= 4.
+        model: the classifier (never modified).
+        x: (N, *shape) clean inputs, N >= 4.
         n_dirs, h, h_rel, estimator, batch_size: detector settings (:class:`CurvatureDetector`).
         fpr: target false-positive rate of the calibration.
         overshoot: DeepFool overshoot (unrefined DeepFool, L2, as in the published experiments).

@@ -55,16 +55,40 @@ __all__ = ["DetectionStudy", "detection_study", "same_norm_noise", "bootstrap_au
 class DetectionStudy(Result):
     """Per-input scores of a :func:`detection_study` and the statistics derived from them.
 
-    Arrays (numpy; N inputs, A = len(alphas), J scored classes; NaN where an entry does not exist):
-        predicted: (N,) clean predictions; margin: (N,) ||delta||_2 of the DeepFool perturbation
-        (inf where DeepFool failed); half: (N,) 0/1, the calibration halves.
-        clean_score: (N,); clean_kappa, clean_classes: (N, J) per-class kappa_i and the classes i.
-        pert_score, noise_score: (A, N); pert_pred: (A, N) prediction of x + alpha delta;
-        pert_norm: (A, N) ||perturbation applied|| (after the clamp), the norm of the noise too;
-        pert_kappa, pert_classes: (A, N, J); pert_runner_up: (A, N) the scored class with the
-        largest other logit at x + alpha delta; noise_kappa: (A, N, J); noise_pred: (A, N).
-    Other fields: alphas, names (one per input, may be empty), params (settings), cost (model rows
-    and CPU seconds; see :meth:`summary`).
+    The arrays are numpy: N inputs, A = len(alphas), J scored classes per input. Scores are
+    -mean_i kappa_i and curvatures kappa_i are in 1 / input units; float arrays hold NaN and int64
+    arrays -1 where an entry does not exist (DeepFool failed or did not change the label, or no
+    noise control at that alpha).
+
+    Attributes:
+        alphas: tuple of the A perturbation scales (floats).
+        predicted: (N,) int64 clean predictions.
+        margin: (N,) float64 ||delta||_2 of the DeepFool perturbation (input units; inf where
+            DeepFool failed or did not change the label).
+        half: (N,) int64 0/1, the seeded calibration half of each input.
+        clean_score: (N,) float64 detector score of the clean inputs.
+        clean_kappa: (N, J) float64 per-class mean curvature kappa_i at the clean inputs.
+        clean_classes: (N, J) int64 the classes i of clean_kappa.
+        pert_score: (A, N) float64 score of x + alpha delta (clipped to ``clamp``).
+        pert_pred: (A, N) int64 prediction at x + alpha delta.
+        pert_norm: (A, N) float64 ||perturbation applied||_2 after the clamp (input units), also
+            the norm of the noise control.
+        pert_kappa: (A, N, J) float64 per-class kappa_i at x + alpha delta.
+        pert_classes: (A, N, J) int64 the classes i of pert_kappa.
+        pert_runner_up: (A, N) int64 the scored class with the largest other logit at
+            x + alpha delta (the baseline of label recovery).
+        noise_score: (A, N) float64 score of the noise control (x + Gaussian noise of norm
+            pert_norm).
+        noise_pred: (A, N) int64 prediction at the noise control.
+        noise_kappa: (A, N, J) float64 per-class kappa_i at the noise control.
+        params: dict of the settings (n_dirs, h, h_rel, top_classes, estimator, fpr, clamp,
+            overshoot, seed, n_bootstrap, noise_alphas, batch_size, n_classes_scored = J).
+        cost: dict: forward_rows_per_scoring / backward_rows_per_scoring (model rows per scored
+            input), cpu_s_per_scoring, scorings_per_input, deepfool_cpu_s_per_input,
+            deepfool_forward_rows / deepfool_backward_rows (the DeepFool call's ``n_forward`` /
+            ``n_backward``), cpu_s_per_input (DeepFool + scorings, CPU seconds), wall_s and
+            threads (torch threads).
+        names: list of N input names (empty when none were given).
     """
 
     alphas: tuple
@@ -334,10 +358,11 @@ def detection_study(
     """Run the detection study (module docstring) on clean inputs ``x``.
 
     Args:
-        model: classifier (N, ...) -> (N, L) logits, never modified; x: (N, ...) clean inputs, N >= 4.
+        model: classifier (N, ...) -> (N, L) logits, never modified.
+        x: (N, ...) clean inputs, N >= 4.
         alphas: perturbation scales (> 0); the DeepFool perturbation delta is multiplied by each.
         n_dirs, h, h_rel, top_classes, estimator: detector settings
-            (:class:`pyboundary.detection.CurvatureDetector`; h_rel None = its default).
+            (:class:`pyboundary.geometry.detection.CurvatureDetector`; h_rel None = its default).
         fpr: target false-positive rate of the calibration.
         clamp: (lo, hi) box of the inputs (DeepFool stays inside; x + alpha delta is clipped to it),
             or None.

@@ -27,9 +27,14 @@ __all__ = ["FinetuneResult", "directional_margins", "finetune_experiment"]
 class FinetuneResult(Result):
     """Margins along each sample's original DeepFool direction, before and after fine-tuning.
 
-    before_p, after_p: (|P|,) margins of the replaced samples P along their delta directions;
-    before_u, after_u: (|U|,) the same for the untouched control subset U (inf = not found);
-    model: the fine-tuned copy (the input model is left unchanged).
+    Attributes:
+        before_p: (|P|,) margins (input units, dtype of x) of the replaced samples P along their
+            own delta directions, on the original model (inf = not found).
+        after_p: (|P|,) the same on the fine-tuned model.
+        before_u: (|U|,) margins of the untouched control samples U along their delta
+            directions, on the original model (inf = not found).
+        after_u: (|U|,) the same on the fine-tuned model.
+        model: the fine-tuned copy, in eval mode (the input model is left unchanged).
     """
 
     before_p: Tensor
@@ -98,6 +103,24 @@ def finetune_experiment(
     :func:`pyboundary.zoo.train`. Margins inside the 1-D subspace spanned by each sample's own
     delta (:func:`directional_margins` with ``method``) are measured before and after, for P and
     for the untouched control set U. Inputs are clipped to [0, 1] after adding delta.
+
+    Args:
+        model: an ``nn.Module`` (N, C, H, W) -> (N, L) logits; deep-copied, never modified.
+        x: (N, C, H, W) training inputs in [0, 1].
+        labels: (N,) int64 training labels (kept for the replaced samples).
+        p_index: (|P|,) int64 indices into x of the samples P replaced by x + delta (non-empty).
+        u_index: (|U|,) int64 indices of the control samples U, disjoint from p_index
+            (non-empty).
+        epochs: fine-tuning epochs (default 2).
+        method: how the directional margins are measured (:func:`directional_margins`):
+            'deepfool' (default, L2 DeepFool inside each sample's 1-D subspace) or 'line' (grid +
+            bisection along +-delta).
+        train_kwargs: extra keyword arguments of :func:`pyboundary.zoo.train` (e.g. ``lr``,
+            ``train_batch_size``, ``seed``).
+        deepfool_kwargs: extra keyword arguments of the L2 DeepFool calls (the one computing delta
+            and, with method='deepfool', the directional margins); ``p`` is fixed to 2.
+    Returns:
+        :class:`FinetuneResult`. ValueError when DeepFool does not converge on a sample of P or U.
     """
     p_index = torch.as_tensor(p_index, dtype=torch.int64)
     u_index = torch.as_tensor(u_index, dtype=torch.int64)

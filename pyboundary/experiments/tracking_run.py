@@ -30,7 +30,9 @@ class TrackingRun(Result):
     Attributes:
         model: the trained nn.Module (eval mode).
         tracker: the :class:`MarginTracker` with every measured epoch.
-        out: output folder (None when nothing was written); paths: the files written there.
+        out: output folder (None when nothing was written).
+        paths: tuple of the Paths written into ``out`` (the store, then the plots; empty
+            without ``out``).
     """
 
     model: nn.Module
@@ -71,15 +73,18 @@ def track(
     """Train ``arch`` on ``data`` and track its DeepFool margins at epochs 0..epochs.
 
     Args:
-        arch: an architecture of :func:`pyboundary.zoo.build`; data: a dataset name with a train
-            and a test split.
-        epochs: training epochs; adversarial: None (standard training) or an attack spec such as
+        arch: an architecture of :func:`pyboundary.zoo.build`.
+        data: a dataset name with a train and a test split.
+        epochs: training epochs.
+        adversarial: None (standard training) or an attack spec such as
             'pgd-linf:eps=0.1,steps=7,frac=0.5' (:func:`pyboundary.attacks.pgd.parse_attack`).
-        n_track: tracked samples per split; n_train: train on a seeded subset of this size.
+        n_track: tracked samples per split.
+        n_train: train on a seeded subset of this size (None: the whole train split).
         out: a folder: writes ``track.sqlite`` (refusing an existing one: a training run cannot
             be resumed) and the plots ``curves.png``, ``hist_<split>_<norm>.png``,
             ``transitions_<split>.png``.
-        seed, lr, train_batch_size: training settings (Adam); deepfool_kwargs: for the tracker.
+        seed, lr, train_batch_size: training settings (Adam).
+        deepfool_kwargs: options of the tracker's DeepFool calls (:class:`MarginTracker`).
         progress: progress bars and one line per measurement.
     Returns:
         :class:`TrackingRun`.

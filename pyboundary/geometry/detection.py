@@ -99,7 +99,8 @@ def auc_score(negative, positive) -> float:
     """Area under the ROC curve of scores, by the Mann-Whitney statistic (ties count 1/2).
 
     Args:
-        negative: (n0,) scores of negatives (clean); positive: (n1,) scores of positives.
+        negative: (n0,) finite scores of the negatives (clean), a tensor or array-like, n0 >= 1.
+        positive: (n1,) finite scores of the positives (perturbed), n1 >= 1.
     Returns:
         P(pos > neg) + 0.5 P(pos == neg), in [0, 1]. O((n0 + n1) log(n0 + n1)).
     """
@@ -119,7 +120,14 @@ def auc_score(negative, positive) -> float:
 
 
 def roc_curve(negative, positive) -> RocCurve:
-    """ROC curve (flag when score > threshold) and AUC of negative (clean) vs positive scores."""
+    """ROC curve (flag when score > threshold) and AUC of negative (clean) vs positive scores.
+
+    Args:
+        negative: (n0,) finite scores of the negatives (clean), a tensor or array-like, n0 >= 1.
+        positive: (n1,) finite scores of the positives (perturbed), n1 >= 1.
+    Returns:
+        :class:`RocCurve`.
+    """
     neg, pos = _as_scores("negative", negative), _as_scores("positive", positive)
     thr = np.unique(np.concatenate([neg, pos]))[::-1]
     # flag when score > t: thresholds +inf, then each distinct value from the top
@@ -160,7 +168,14 @@ class DetectionScores(Result):
 
 def calibrate_threshold(clean_scores, fpr: float) -> float:
     """The decision threshold for a target false-positive rate: the smallest clean score t such
-    that #(score > t) <= fpr * n. clean_scores: (n,) finite scores, n >= 1; fpr in (0, 1)."""
+    that #(score > t) <= fpr * n.
+
+    Args:
+        clean_scores: (n,) finite scores of clean inputs (tensor or array-like), n >= 1.
+        fpr: the target false-positive rate, in (0, 1).
+    Returns:
+        the threshold t, a float (one of the clean scores).
+    """
     fpr = check_number("fpr", fpr, minimum=0, maximum=1, strict_minimum=True, strict_maximum=True)
     s = np.sort(_as_scores("clean_scores", clean_scores))
     n = s.size

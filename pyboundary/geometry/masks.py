@@ -74,11 +74,19 @@ def apply_mask(x: Tensor, mask: Tensor, basis: str = "dct") -> Tensor:
 class MaskResult(Result):
     """A learned mask and its accuracies.
 
-    mask: (H, W) or (C, H, W) in [0, 1] (see :func:`mask_shape`); basis: 'dct' or 'fft';
-    accuracy_clean / accuracy_masked / accuracy_complement: accuracy (against the targets used
-    for learning) on x, on x filtered by M, and on x filtered by 1 - M; density: mean of M;
-    kept: fraction of entries > 0.5; lam, penalty_exponent: the sparsity penalty; history:
-    objective per step.
+    Attributes:
+        mask: (H, W) or (C, H, W) tensor M with entries in [0, 1] (see :func:`mask_shape`;
+            (H, W // 2 + 1) columns for 'fft'), dtype and device of x.
+        basis: 'dct' or 'fft'.
+        accuracy_clean: accuracy (fraction in [0, 1], against the targets used for learning:
+            the labels, or the clean predictions) on x.
+        accuracy_masked: the same on x filtered by M.
+        accuracy_complement: the same on x filtered by 1 - M.
+        density: mean of M, in [0, 1].
+        kept: fraction of the entries of M above 0.5.
+        lam: the sparsity weight.
+        penalty_exponent: q of the penalty (sum |m|^q)^(1/q).
+        history: list of floats, the objective (loss + penalty) of each Adam step, in order.
     """
 
     mask: Tensor
@@ -139,15 +147,20 @@ def learn_mask(
 
     Args:
         model: callable (N, C, H, W) -> (N, L) logits; frozen and left unchanged.
-        x: (N, C, H, W) inputs; labels: optional (N,) int64 classes (default: the model's
-            predictions).
+        x: (N, C, H, W) inputs.
+        labels: optional (N,) int64 classes (default: the model's predictions).
         basis: 'dct' or 'fft'.
-        lam: sparsity weight (>= 0); penalty_exponent: q of the penalty (sum |m|^q)^(1/q) (> 0, e.g. 1).
+        lam: sparsity weight (>= 0).
+        penalty_exponent: q of the penalty (sum |m|^q)^(1/q) (> 0, e.g. 1).
         steps: Adam steps (>= 1) on random mini-batches of ``train_batch_size`` samples (seeded);
             a mini-batch larger than the memory budget allows in one pass is accumulated over
             smaller ones (same gradient).
         lr: Adam learning rate.
+        train_batch_size: samples per Adam step (>= 1, default 256; at most N), drawn with
+            replacement.
         per_channel: one mask per colour channel instead of one shared (H, W) mask.
+        seed: seed of the mini-batch draws (default 0; CPU generator). The mask starts at all
+            ones, so the seed is the only randomness.
     Returns:
         :class:`MaskResult` (accuracies against labels, or against the clean predictions).
     """

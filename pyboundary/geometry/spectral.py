@@ -104,9 +104,16 @@ class DCTLowpass:
 class BandEnergy(Result):
     """Fraction of each perturbation's squared L2 norm inside each member of a subspace family.
 
-    fractions: (N, B) float64 numpy, ||P_b delta_n||^2 / ||delta_n||^2 (NaN for a zero delta).
-    quantile: the percentile q reported per band; per_band: (B,) the q-th percentile over samples;
-    mean: (B,) mean fraction; labels: member labels (e.g. DCT block origins); name: family name.
+    Attributes:
+        fractions: (N, B) float64 numpy array, ||P_b delta_n||^2 / ||delta_n||^2 in [0, 1] for
+            sample n and member b (a row of NaN for a zero delta).
+        per_band: (B,) float64 numpy array, the ``quantile``-th percentile of the fractions over
+            the samples (zero deltas left out; NaN when none is left).
+        mean: (B,) float64 numpy array, the mean fraction over the samples (zero deltas left out).
+        quantile: float, the percentile q in [0, 100] reported in per_band.
+        labels: list of B member labels (e.g. DCT block origins; 0..B-1 when the family has
+            none).
+        name: str, the family's name ('' when it has none).
     """
 
     fractions: np.ndarray
@@ -131,8 +138,16 @@ def band_energy(
     spec such as ``'dct:K=8,T=1'``):
     fraction[n, b] = ||analysis(delta_n, b)||^2 / ||delta_n||^2 in [0, 1]. Members of a partition
     (``DCTGrid``) sum to 1 per sample; the diagonal family covers part of the spectrum only.
-    Evaluated over (sample, member) pairs, ``batch_size`` pairs at a time (None: automatic; no
-    per-sample loop).
+    Evaluated over (sample, member) pairs, ``batch_size`` pairs at a time (no per-sample loop).
+
+    Args:
+        perturbations: (N, C, H, W) finite perturbations delta_n (input units; not modified).
+        family: a :class:`pyboundary.subspaces.Subspace` family or its spec string, parsed for
+            the perturbations' shape (:func:`pyboundary.subspaces.parse_subspaces`).
+        quantile: the percentile q in [0, 100] reported per band (default 95).
+        batch_size: (sample, member) pairs analysed together (None: min(256, N x B)).
+    Returns:
+        :class:`BandEnergy` (fractions (N, B), per-band percentile and mean).
     """
     if not isinstance(perturbations, Tensor) or perturbations.dim() < 2:
         raise ValueError("perturbations must be a tensor (N, C, H, W), got "

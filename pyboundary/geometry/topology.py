@@ -122,12 +122,22 @@ def _bisect(model, x, v, label, lo, hi, n_bisect, batch_size, counter) -> Tensor
 class PathResult(Result):
     """Outcome of :func:`find_path`.
 
-    anchors: (P, ...) points x1 = anchors[0], ..., anchors[-1] = x2 of the piecewise-linear path;
-    valid: whether every segment was verified inside the region (by sampling);
-    label: the region's class; length: path length; straight: ||x2 - x1||; ratio: length /
-    straight; depth: recursion depth reached; n_calls: batched model calls (forward and, inside
-    DeepFool, backward passes); n_inputs: inputs evaluated by forward passes outside DeepFool;
-    reason: why the search failed ('' when valid).
+    Attributes:
+        anchors: (P, ...) points x1 = anchors[0], ..., anchors[-1] = x2 of the piecewise-linear
+            path, P >= 2, dtype of x1, on x1's device.
+        valid: bool, whether every segment was verified inside the region (by sampling
+            ``n_check`` interior points each).
+        label: int, the region's class (the prediction at x1 and x2).
+        length: float, the path length sum_i ||anchors[i+1] - anchors[i]||_2 (input units).
+        straight: float, ||x2 - x1||_2 (input units).
+        depth: int, subdivision levels made (0 when the straight segment passed; at most
+            ``max_depth``).
+        n_calls: int, batched model calls (forward passes, and inside the targeted DeepFool
+            pushes, its forward and backward passes).
+        n_inputs: int, inputs evaluated by forward passes outside DeepFool.
+        reason: str, why the search failed ('' when valid).
+
+    ``ratio`` (a property) is length / straight (1.0 when straight = 0).
     """
 
     anchors: Tensor
@@ -259,6 +269,10 @@ def find_path(
             class (push x2 into the region first, e.g. with targeted DeepFool).
         max_depth: number of subdivision levels (>= 0); at most 2^max_depth segments.
         n_check: interior points sampled per segment (>= 1).
+        batch_size: input rows per model call for the checks and the pushes' line searches
+            (None: automatic, the largest that fits the memory budget, at most 256); segments
+            are checked ~batch_size / n_check at a time. The targeted DeepFool sizes its own
+            batches (set ``deepfool_kwargs['batch_size']`` to fix them).
         deepfool_kwargs: extra arguments of the targeted DeepFool (default p=2, overshoot=0.02,
             unrefined): it only supplies the direction of the push.
         push_depth: depth of a repaired midpoint inside the region as a fraction of its segment's
@@ -392,7 +406,17 @@ def path_connectivity(
     ``radius`` (default: the median input norm) moved into x1's class by targeted DeepFool.
 
     Args:
-        x: (N, ...) inputs to draw from. Extra keyword arguments go to :func:`find_path`.
+        model: callable (N, ...) -> (N, L) logits (left unchanged).
+        x: (N, ...) inputs to draw from.
+        scenario: 'same-label' (default), 'adversarial' or 'random-sphere' (see above).
+        n_pairs: pairs (x1, x2) to draw (>= 1, default 20); x1 is drawn uniformly from x with
+            replacement. Pairs that cannot be formed are counted in ``n_skipped``.
+        seed: seed of the pair draws and of the random-sphere points (default 0; CPU generator).
+        radius: L2 radius of the random-sphere points, in input units (scenario
+            'random-sphere' only; None: the median L2 norm of the inputs).
+        **path_kwargs: keyword arguments of :func:`find_path` (``max_depth``, ``n_check``,
+            ``batch_size``, ``deepfool_kwargs``, ``push_depth``); ``deepfool_kwargs`` also sets
+            the targeted DeepFool that moves x2 into x1's class.
     Returns:
         :class:`PathConnectivity` (pairs that could not be formed are skipped and counted).
     """
@@ -468,8 +492,17 @@ def _push_targets(model, pts: Tensor, targets: Tensor, dkw: dict, counter: CallC
 # ------------------------------------------------------------------- convex combinations
 @dataclass
 class ConvexResult(Result):
-    """probability[i]: fraction of n_trials random convex combinations of ks[i] inputs predicted
-    ``label``; se[i] = sqrt(p (1 - p) / n_trials) (binomial standard error)."""
+    """Outcome of :func:`convex_combination_probability`.
+
+    Attributes:
+        ks: list of ints, the numbers k of inputs combined, in the order given.
+        probability: (len(ks),) float64 numpy array; probability[i] is the fraction of the
+            ``n_trials`` random convex combinations of ks[i] inputs predicted ``label``.
+        se: (len(ks),) float64 numpy array, se[i] = sqrt(p (1 - p) / n_trials) with
+            p = probability[i] (binomial standard error).
+        n_trials: int, combinations drawn per k.
+        label: int, the region's class (the prediction shared by all inputs).
+    """
 
     ks: list
     probability: np.ndarray
@@ -497,10 +530,14 @@ def convex_combination_probability(
     (Dirichlet(1, ..., 1)), and checks the predicted class of sum_i w_i x_i.
 
     Args:
+        model: callable (N, ...) -> (N, L) logits (left unchanged).
         xs: (n, ...) inputs all predicted the same class (the region).
         k: int or sequence of ints, each in [2, n] (e.g. range(2, 11)).
         n_trials: combinations per k (>= 1).
-        seed: seed of the draws.
+        seed: seed of the draws (CPU generator).
+        batch_size: input rows per model call (None: automatic, the largest that fits the
+            memory budget, at most 256); the combinations of one k are formed and classified
+            ~batch_size at a time.
     Returns:
         :class:`ConvexResult` (one probability per k).
     """
@@ -540,10 +577,15 @@ def convex_combination_probability(
 class RandomDirectionResult(Result):
     """Distance to the boundary along random unit directions vs the adversarial margin.
 
-    distance: (N, T) min over ±v of the first crossing along v (inf: none within max_radius);
-    margin: (N,) adversarial (DeepFool L2) margin; ratio: (N, T) distance / margin;
-    sqrt_d: sqrt(D), the ratio expected for a flat boundary in high dimension (E|<v, n>| ~
-    sqrt(2 / (pi D)) for a random unit v, so ratio ~ sqrt(pi D / 2)).
+    Attributes:
+        distance: (N, T) float64, per input and direction, min over ±v of the distance to the
+            first change of prediction along v (input units; inf: none within max_radius).
+        margin: (N,) float64 adversarial margin (DeepFool L2, or the ``margin`` given), input
+            units.
+        ratio: (N, T) float64, distance / margin.
+        sqrt_d: float, sqrt(D), D the number of input features; a flat boundary in high
+            dimension gives ratio ~ sqrt(pi D / 2) (E|<v, n>| ~ sqrt(2 / (pi D)) for a random
+            unit v).
     """
 
     distance: Tensor
@@ -583,8 +625,23 @@ def random_direction_robustness(
     boundary ratio = 1 / |cos(v, normal)|, whose typical size is sqrt(pi D / 2).
 
     Args:
-        x: (N, ...) inputs; margin: optional (N,) adversarial margins (computed when None).
-        max_radius: search range, float or (N,) (default 4 sqrt(D) x margin per sample).
+        model: callable (N, ...) -> (N, L) logits (left unchanged).
+        x: (N, ...) inputs.
+        n_directions: T >= 1 random unit directions per input (default 20).
+        margin: optional (N,) adversarial margins in input units (None: computed by
+            :func:`pyboundary.deepfool` with p=2 and ``deepfool_kwargs``).
+        max_radius: search range in input units, float or (N,) (default 4 sqrt(D) x margin per
+            sample; 4 x the largest input norm where the margin is not finite).
+        seed: seed of the directions (default 0; CPU generator, directions drawn per input so
+            the numbers do not depend on the batching).
+        n_grid: grid points per ray of the line search (>= 1, default 32): the resolution of
+            the search is max_radius / n_grid (:func:`first_crossing`).
+        n_bisect: bisection steps refining each crossing (>= 0, default 24), to
+            max_radius / n_grid / 2^n_bisect.
+        batch_size: input rows per model call (None: automatic, the largest that fits the
+            memory budget, at most 256); the 2 T rays of an input are searched together.
+        deepfool_kwargs: options of the DeepFool call that computes ``margin`` when it is None
+            (``p`` is fixed to 2); unused when ``margin`` is given.
     Returns:
         :class:`RandomDirectionResult`.
     """

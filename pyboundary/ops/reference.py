@@ -51,6 +51,14 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device="cpu") -> Tens
     """Orthonormal DCT-II matrix C_n of shape (n, n); row k is frequency k.
 
     Computed in float64 and cast, so float32 matrices are correctly rounded.
+
+    Args:
+        n: size (>= 1).
+        dtype: dtype of the matrix (default float64).
+        device: device of the matrix (default 'cpu').
+    Returns:
+        (n, n) Tensor C_n with C_n C_n^T = I (a plain tensor; cached per (n, dtype, device), so
+        do not modify it in place).
     """
     if n < 1:
         raise ValueError(f"dct_matrix: n must be >= 1, got {n}")

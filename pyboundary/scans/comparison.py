@@ -52,7 +52,9 @@ class ScanComparison(Result):
 
     Attributes:
         names: (R,) run names (first = the reference of ratios and differences).
-        subspace_spec: the family's spec; subspace_labels: (S,) member labels.
+        subspace_spec: str, the family's spec (shared by all runs).
+        subspace_labels: (S,) list of the members' labels (e.g. DCT block origins), in the
+            family's order (the columns of the (R, S) arrays).
         norms: (R,) what each run's margins measure ('L2', 'L-inf', ...).
         samples: 'same', 'common' or 'independent' (see the module docstring).
         n_samples: (R,) int samples compared per run.
@@ -61,7 +63,9 @@ class ScanComparison(Result):
         ratio: (R, S) median / the first run's median (row 0 is 1).
         difference: (R - 1, S) median of run k minus the first run's, k = 1..R-1.
         ci_low, ci_high: (R - 1, S) percentile bootstrap confidence interval of ``difference``.
-        confidence: the CI's level (e.g. 0.95); n_boot: bootstrap resamples; seed: their seed.
+        confidence: float, the CI's level (e.g. 0.95).
+        n_boot: int, bootstrap resamples behind ci_low / ci_high (the ``n_boot`` argument).
+        seed: int, seed of the bootstrap resampling (numpy ``default_rng``).
         sources: (R,) where each scan came from (path, or '' for a scan object).
         tight: (R,) bool, whether each run's margins come from the engine's tight mode (the
             nearest boundary point found) rather than DeepFool's point (empty for comparisons

@@ -107,9 +107,17 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
     initialised; a group this function created is destroyed at the end.
 
     Args:
+        model: callable (N, C, H, W) -> (N, L) logits, the same weights on every rank.
+        data: the inputs, as for margin_scan (a tensor (N, C, H, W) or a dataset).
+        subspaces: a :class:`~pyboundary.subspaces.Subspace` family or a spec (``dct:K=8,T=1``).
         store: path of the final result store (required).
         resume: continue an interrupted scan (final store and parts).
         device: engine device; for CUDA use ``cuda:<local rank>``.
+        init_method: torch.distributed init method (e.g. ``file:///tmp/x``) when no process group
+            exists yet; None: torchrun's environment variables.
+        rank: this process's rank with ``init_method`` (None: from the environment).
+        world: the number of processes with ``init_method`` (None: from the environment).
+        progress: show rank 0's tqdm bar (the other ranks never show one).
         **scan_kwargs: the other arguments of margin_scan (p, labels, batch_size, limit, seed,
             model_name, deepfool_kwargs, ...).
     Returns:

@@ -175,7 +175,11 @@ class FullSpace(Subspace):
 
     ``image_shape`` may be any per-sample shape (images, flat vectors, sequences); unlike the
     other families it is kept exactly as given (no (H, W) -> (1, H, W) normalisation), so the
-    DeepFool engine uses it for inputs of any shape."""
+    DeepFool engine uses it for inputs of any shape.
+
+    Args:
+        image_shape: the per-sample input shape (any sequence of positive ints).
+    """
 
     name = "full"
 

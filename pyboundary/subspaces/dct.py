@@ -74,6 +74,11 @@ class DCTDiagonal(_DCTBlocks):
 
     n = floor((min(H, W) - K) / T) + 1 (e.g. 28x28, K=8, T=1: 21 members). Each member spans
     the frequencies [iT, iT+K) x [iT, iT+K) of every channel: dim C*K^2.
+
+    Args:
+        image_shape: per-sample shape (C, H, W), or (H, W) for C = 1.
+        K: block side in frequencies, 1 <= K <= min(H, W) (default 8).
+        T: stride between block origins along the diagonal, >= 1 (default 1).
     """
 
     name = "dct"
@@ -96,6 +101,11 @@ class DCTGrid(_DCTBlocks):
     ``grid_shape`` = (floor((H-K)/T)+1, floor((W-K)/T)+1); member index = a * cols + b.
     T defaults to K (non-overlapping tiles; with H not a multiple of K the last partial strip
     of frequencies is not covered).
+
+    Args:
+        image_shape: per-sample shape (C, H, W), or (H, W) for C = 1.
+        K: block side in frequencies, 1 <= K <= min(H, W) (default 8).
+        T: stride between block origins in both directions, >= 1 (None, the default: K).
     """
 
     name = "dct-grid"

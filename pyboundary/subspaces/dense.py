@@ -121,6 +121,12 @@ class RandomSubspaces(_DenseBases):
     Member i's basis is the Q factor (sign-fixed) of a D x dim Gaussian matrix drawn from a
     generator seeded with (seed, i), so it depends only on (image_shape, dim, seed, i); bases are
     generated on first use and cached (D * dim float64 numbers per member).
+
+    Args:
+        image_shape: per-sample shape ((C, H, W), (H, W) for C = 1, or (D,)).
+        dim: dimension of each subspace, 1 <= dim <= D.
+        n: number of subspaces (members), >= 1 (default 1).
+        seed: base seed of the bases (default 0).
     """
 
     name = "random"
@@ -177,6 +183,12 @@ class UserBasis(_DenseBases):
     1e-10 for float64); a ValueError reports the error seen otherwise. D may also be given as the
     image shape: (C, H, W, m) or (n, C, H, W, m) are flattened, and so are (H, W, m) and
     (n, H, W, m) for one-channel images.
+
+    Args:
+        basis: floating (D, m), (n, D, m), (C, H, W, m) or (n, C, H, W, m) (one channel: also
+            (H, W, m) or (n, H, W, m)) finite tensor of orthonormal columns.
+        image_shape: per-sample shape ((C, H, W), (H, W) for C = 1, or (D,)), D = its product.
+        atol: tolerance of the orthonormality check (None: 1e-5 for float32, 1e-10 for float64).
     """
 
     name = "user"

@@ -138,6 +138,9 @@ def reference_model(
         epochs: training epochs (None: :func:`default_epochs` of the training-set size).
         seed: seed of the initial weights, the shuffling and the ``n_train`` subset.
         n_train: train on a seeded random subset of this many samples (None: all).
+        train_batch_size: samples per Adam step (default 128; part of the cache key).
+        lr: Adam learning rate (default 3e-3; part of the cache key).
+        progress: show a tqdm bar while training (no effect when the cached model is loaded).
         retrain: ignore an existing cache file.
     Returns:
         the model on CPU in eval mode. ``model.pyboundary_meta`` holds the cache metadata
@@ -193,12 +196,17 @@ def train_cached(
             :func:`pyboundary.zoo.derived_dataset` or :func:`pyboundary.zoo.load_dataset`);
             ``.n_classes`` or ``.classes`` give the number of classes (else max label + 1).
         epochs: training epochs (>= 0).
-        seed, lr, train_batch_size: training settings.
+        seed: seed of the initial weights and of the shuffling (default 0).
+        lr: Adam learning rate (default 3e-3).
+        train_batch_size: samples per Adam step (default 128).
         batch_transform: optional ``f(model, xb, yb) -> (xb, yb)`` applied to every batch (e.g.
-            :func:`pyboundary.attacks.pgd_batch_transform` for adversarial training); it must come
-            with ``transform_spec``, a string identifying it completely (part of the cache key).
+            :func:`pyboundary.attacks.pgd.pgd_batch_transform` for adversarial training).
+        transform_spec: a string identifying ``batch_transform`` completely (e.g. its function
+            and every setting), hashed into the cache key; required with ``batch_transform`` and
+            refused without it (ValueError). Two transforms with the same spec share a cache file.
         checkpoints: also keep the weights after every epoch and return them all.
-        progress: tqdm bar while training; retrain: ignore an existing cache file.
+        progress: show a tqdm bar while training (no effect when the cached model is loaded).
+        retrain: ignore an existing cache file.
     Returns:
         the trained model (CPU, eval mode), or with ``checkpoints`` the list of models after epochs
         0 (the initial weights), 1, ..., epochs. ``pyboundary_meta`` holds the cache metadata.

@@ -390,9 +390,11 @@ def derived_dataset(x: Tensor, labels: Tensor, *, name: str, classes=None, split
     keyed on it (:func:`pyboundary.zoo.train_cached`, result stores) tell different data apart.
 
     Args:
-        x: (N, ...) float inputs; labels: (N,) integer classes (stored as int64).
+        x: (N, ...) float inputs.
+        labels: (N,) integer classes (stored as int64).
         name: a readable name recorded with the data (part of the identity).
-        classes: class names (default: "0" .. str(max label)); split: recorded as given.
+        classes: class names (default: "0" .. str(max label)).
+        split: the split name recorded with the data, as given (default 'train').
     """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise TypeError(f"x must be a floating-point tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")

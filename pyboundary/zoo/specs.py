@@ -107,10 +107,17 @@ def load_model(spec: str, in_shape=None, n_classes: int | None = None, *, progre
           n_classes)``; in_shape is required unless the file records it, n_classes defaults to
           the size of the last bias.
 
-    ``in_shape`` / ``n_classes`` (the data's): the model must take (1, *in_shape) and return
-    n_classes logits (ValueError otherwise); a built-in model is checked against the data it is
-    trained on before any training. ``progress``: the training bar of a built-in model that is
-    not cached yet.
+    Args:
+        spec: the spec string (or a path-like for a file).
+        in_shape: optional per-sample input shape (C, H, W); when given, one forward pass on
+            zeros checks that the model takes it (and gives ``n_classes`` logits when that is
+            given).
+        n_classes: optional number of classes (``<arch>@<file>`` specs; also checked with
+            ``in_shape``). A built-in model is checked against the data it is trained on before
+            it is trained.
+        progress: the training bar of a built-in model that is not cached yet.
+    Returns:
+        the nn.Module, in eval mode on CPU.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)

@@ -100,7 +100,8 @@ def T1(eps: float, sigma: float, D: int, N: int, *, seed: int = 0, shape=None) -
     Args:
         eps: half the class separation along u1 (> 0, input units).
         sigma: noise standard deviation (>= 0) in the D-1 other directions.
-        D: dimension (>= 2); N: number of samples (>= 1).
+        D: dimension (>= 2).
+        N: number of samples (>= 1).
         seed: seeds U (with ``seed``) and the samples (with ``seed + 1``).
         shape: optional per-sample shape (e.g. (1, 28, 28)) for x, prod(shape) == D.
     """
@@ -123,7 +124,9 @@ def T2(rho: float, eps: float, sigma: float, K: int, D: int, N: int, *, seed: in
         rho: period of the class pattern along u2 (> 0).
         eps: half the class separation along u1 (> 0).
         sigma: noise standard deviation (>= 0).
-        K: number of periods on each side (>= 1); D >= 3; N >= 1.
+        K: number of periods on each side (>= 1).
+        D: dimension (>= 3).
+        N: number of samples (>= 1).
         seed, shape: as in :func:`T1`.
     """
     rho, eps = check_number("rho", rho, minimum=0, strict_minimum=True), check_number("eps", eps, minimum=0, strict_minimum=True)

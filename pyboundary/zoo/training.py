@@ -52,7 +52,8 @@ def train(
 
     Args:
         model: nn.Module mapping (B, C, H, W) -> (B, L) logits; trained in place.
-        x: (N, C, H, W) float inputs; labels: (N,) int64 classes.
+        x: (N, C, H, W) float inputs.
+        labels: (N,) int64 classes.
         epochs: number of passes over the data (0 allowed: nothing is trained).
         train_batch_size: samples per optimisation step (a training hyperparameter, not a
             memory knob: it changes the trained weights).
@@ -122,7 +123,14 @@ def train(
 def accuracy(model: Callable, x: Tensor, labels: Tensor, *, batch_size: int | None = None) -> float:
     """Fraction of samples of x (N, ...) whose predicted class equals labels (N,).
 
-    batch_size: input rows per model call (None: automatic)."""
+    Args:
+        model: callable (N, ...) -> (N, L) logits (left as found).
+        x: (N, ...) inputs.
+        labels: (N,) int64 classes.
+        batch_size: input rows per model call (None: automatic).
+    Returns:
+        the accuracy, a float in [0, 1].
+    """
     labels = _check_data(x, labels)
     if x.shape[0] == 0:
         raise ValueError("x is empty: accuracy is undefined")

@@ -97,8 +97,13 @@ class ReproduceResult(Result):
 
     Attributes:
         name, scale: the entry and the scale it ran at.
-        out: the output folder; report: path of report.md; figures: PNG file names in ``out``.
-        wall_s: wall-clock seconds; cpu_s: CPU seconds of this process (all threads).
+        out: str, the output folder.
+        report: str, path of the report.md written into ``out``.
+        figures: list of the PNG file names (relative to ``out``) the entry wrote, in order.
+        wall_s: float, wall-clock seconds of the entry's run (``time.perf_counter``; not the
+            writing of the report).
+        cpu_s: float, CPU seconds of this process (``time.process_time``, all threads) over the
+            same span.
         numbers: the entry's machine-readable results (also in results.json).
     """
 
@@ -141,6 +146,9 @@ def run_entry(name: str, *, scale: str = "budget", out, seed: int = 0, progress:
             loaded machine 1 thread is much faster for these small models (no spinning threads).
         params: overrides of the scale's parameters (keys must exist; the report lists the values
             used and says that they were overridden).
+        overwrite: allow a folder ``out`` that already holds a report.md (default False: refused
+            with ValueError). report.md, results.json and the figures of this run are rewritten;
+            other files of the earlier run are left in place.
     Returns:
         :class:`ReproduceResult`.
     """

@@ -272,12 +272,15 @@ def hessian_vector_product(
         x: (N, *shape) points.
         v: (N, T, *shape) T directions per sample (or (N, *shape) for T = 1).
         pair: (i, j) ints, or an (N, 2) int64 tensor of per-sample pairs, i != j.
-        h: finite-difference step in input units (float or (N,) tensor); None: h_rel * ||x_n||.
+        h: finite-difference step in input units (float or (N,) tensor); None: h_rel * ||x_n||_2.
+        h_rel: the step relative to ||x_n||_2 when ``h`` is None (default :data:`DEFAULT_H_REL`
+            = 0.05; ``h_rel * sqrt(D)`` for an all-zero input).
         scheme: 'central' (default, error O(h^2)), 'forward' (O(h)) or 'exact' (double backward).
         batch_size: input rows per model call (None: automatic); all N * T (sample, direction)
             rows form one stacked batch.
     Returns:
-        (N, T, *shape) (or (N, *shape)) products H v, dtype of x.
+        (N, T, *shape) (or (N, *shape)) products H v, dtype of x: a plain tensor, not a result
+        class (in units of logits / input units^2 times the units of v).
     """
     check_model(model)
     x = check_curvature_inputs(x)

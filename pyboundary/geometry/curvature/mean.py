@@ -44,7 +44,10 @@ class MeanCurvature(Result):
             with tr(H) estimated from the same T directions for every class; NaN if not computed.
         grad_norm: (N, J) ||grad F_i||.
         values: (N, J) F_i at x (negative when ref is the predicted class).
-        h: (N,) finite-difference steps; n_dirs: T; n_forward, n_backward: rows through the model.
+        h: (N,) finite-difference steps (input units).
+        n_dirs: int, T, the random directions per sample.
+        n_forward, n_backward: int, input rows sent forward / backward through the model (a row
+            of a reverse pass counts once per reverse pass).
         n_classes: L, the number of classes of the model.
     """
 
@@ -144,7 +147,8 @@ def mean_curvature(
             int64 tensor.
         labels: (N,) int64 reference classes; None: the predicted labels.
         n_dirs: T >= 1 random directions per sample.
-        h, h_rel: finite-difference step (input units); scheme: 'central', 'forward' or 'exact'.
+        h, h_rel: finite-difference step (input units); see :func:`finite_difference_step`.
+        scheme: 'central', 'forward' or 'exact' (see the module docstring).
         estimator: 'hutchinson', 'trace' or 'both'.
         seed: seeds the directions (same seed -> same numbers).
         batch_size: input rows per model call (None: automatic).

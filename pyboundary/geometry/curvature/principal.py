@@ -48,7 +48,10 @@ class PrincipalCurvatures(Result):
         h: (N,) finite-difference steps (input units; NaN for scheme='exact').
         valid: (N,) bool; False where no boundary point was found (at='boundary') or grad F = 0.
         spectrum: (N, D - 1) every principal curvature, ascending (method='dense' only).
-        method, scheme, at: how it was computed; n_forward, n_backward: rows through the model.
+        method, scheme, at: how it was computed (the arguments of the call).
+        n_forward, n_backward: int, input rows sent forward / backward through the model (a row
+            of a reverse pass counts once per reverse pass; the boundary search's DeepFool calls
+            with at='boundary' are not included).
     """
 
     largest: Tensor
@@ -230,6 +233,8 @@ def principal_curvatures(
             finite-difference Hessian, 2 D gradient rows per sample with 'central', symmetrised;
             returns the whole spectrum; D <= 4096).
         scheme: 'central', 'forward' or 'exact' (see module docstring).
+        n_iter: Lanczos steps (matrix-vector products) per sample, in [k, D - 1]; None (default):
+            min(D - 1, max(4 k, 40)). Unused with method='dense'.
         seed: seeds the Lanczos start vectors.
         batch_size: input rows per model call (None: automatic).
         deepfool_kwargs: extra arguments for the boundary search (at='boundary').

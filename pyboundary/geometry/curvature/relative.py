@@ -66,9 +66,14 @@ class RelativeCurvature(Result):
     """rho_i = |u_i^T S u_i| / E_v |v^T S v| per sample (N, m); mean over samples (m,).
 
     Attributes:
-        rho: (N, m) relative curvature of each direction; mean: (m,) its mean over samples.
-        directional: (N, m) u_i^T S u_i (1 / input units); random_mean_abs: (N,) E_v |v^T S v|.
-        n_forward, n_backward: rows through the model.
+        rho: (N, m) relative curvature |u_i^T S u_i| / E_v |v^T S v| of each direction u_i per
+            sample (dimensionless; dtype of the inputs).
+        mean: (m,) rho averaged over the N samples, per direction.
+        directional: (N, m) u_i^T S u_i, the curvature along u_i scaled by ||P u_i||^2 (P the
+            projection on the tangent space), in 1 / input units.
+        random_mean_abs: (N,) E_v |v^T S v| per sample, estimated as the mean over the ``n_dirs``
+            random unit tangent directions v (1 / input units): the denominator of rho.
+        n_forward, n_backward: int, input rows sent forward / backward through the model.
     """
 
     rho: Tensor
@@ -96,7 +101,8 @@ class NoiseAccuracy(Result):
     Attributes:
         clean, subspace, complement: accuracies (fractions) on the clean inputs and under noise
             inside the subspace / inside its orthogonal complement (over N x n_draws draws).
-        radius: the L2 norm of every noise draw (input units); n_draws: draws per sample and space.
+        radius: the L2 norm of every noise draw (input units).
+        n_draws: draws per sample and space.
     """
 
     clean: float
@@ -130,7 +136,25 @@ def relative_curvature(
     u_i is used as given (its normal component does not count: S = -P H P / ||grad F||).
 
     Args:
-        xs: (N, *shape); U: (D, m) orthonormal columns, (m, *shape) rows, or SharedDirections.
+        model: callable (N, *shape) -> (N, L) logits (left unchanged).
+        xs: (N, *shape) inputs, at least 2 features each.
+        U: the m directions u_i: (D, m) orthonormal columns, (m, *shape) orthonormal rows, or a
+            :class:`SharedDirections` (its ``basis()``); D = prod(shape).
+        pair: (i, j) ints or an (N, 2) int64 tensor for F = f_i - f_j; None (default): per sample
+            (runner-up, predicted class).
+        n_dirs: number T >= 1 of random unit tangent directions v per sample for E_v |v^T S v|
+            (default 20).
+        h: finite-difference step in input units, a float or an (N,) tensor; None (default):
+            ``h_rel * ||x_n||_2`` per sample (see :func:`finite_difference_step`).
+        h_rel: the step relative to ||x_n||_2 when ``h`` is None (default
+            :data:`DEFAULT_H_REL` = 0.05).
+        scheme: second differences 'central' (default, error O(h^2)), 'forward' (O(h)) or
+            'exact' (reverse-mode second derivatives; ``h`` unused).
+        seed: seeds the random tangent directions (default 0; None: torch's global generator,
+            not reproducible).
+        batch_size: input rows per model call (None: automatic, the largest that fits the memory
+            budget, at most 256; see :func:`curvature_batch_size`); each sample's m + T
+            directions are stacked into rows of one call.
     Returns:
         :class:`RelativeCurvature` with rho (N, m), its sample mean (m,), the directional
         curvatures u_i^T S u_i (N, m) and E_v |v^T S v| (N,).
@@ -182,7 +206,15 @@ def _directional_forms(model, flat, logits, pi, pj, hs, basis, n_dirs, shape, sc
 
 
 def subspace_fraction(v: Tensor, U) -> Tensor:
-    """||P_S v|| / ||v|| per row, S = span(U): v (N, *shape), U (D, m) or (m, *shape). (N,)."""
+    """||P_S v|| / ||v|| per row, S = span(U).
+
+    Args:
+        v: (N, *shape) vectors, finite, no zero row.
+        U: (D, m) orthonormal columns, (m, *shape) orthonormal rows, or :class:`SharedDirections`;
+            D = prod(shape).
+    Returns:
+        (N,) Tensor of fractions in [0, 1], dtype of v (a plain tensor, not a result class).
+    """
     if not isinstance(v, Tensor):
         raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
     check_finite("v", v)
@@ -224,8 +256,15 @@ def noise_accuracy(
     """Accuracy under random Gaussian noise of L2 norm ``radius`` inside span(U) vs its complement.
 
     Args:
-        x: (N, *shape), labels: (N,) int64, U: (D, m) orthonormal columns or (m, *shape).
-        radius: > 0, the L2 norm of every noise draw (input units); n_draws: draws per sample and space.
+        model: callable (N, *shape) -> (N, L) logits (left unchanged).
+        x: (N, *shape) inputs, at least 2 features each.
+        labels: (N,) int64 true classes the accuracies are measured against.
+        U: (D, m) orthonormal columns, (m, *shape) orthonormal rows, or :class:`SharedDirections`;
+            D = prod(shape).
+        radius: > 0, the L2 norm of every noise draw (input units).
+        n_draws: noise draws per sample and per space (>= 1, default 10).
+        seed: seeds the Gaussian noise, drawn per sample so that the numbers do not depend on
+            the batching (default 0; None: torch's global generator, not reproducible).
         batch_size: input rows per model call (None: automatic).
     Returns:
         :class:`NoiseAccuracy`.
