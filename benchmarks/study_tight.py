@@ -190,7 +190,7 @@ def fmn_like(model, x0, labels, d0, p, steps=30, gamma0=0.05, gamma1=0.001, alph
         step = alpha * (n_d[:, None] if rel_alpha else 1.0)
         gu = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if momentum:
-            mom = gu if i == 0 else momentum * mom + (1 - momentum) * gu
+            mom = gu if i == 0 else momentum * mom + (1 - momentum) * gu  # noqa: F821 (set at i == 0)
             gu = mom / mom.norm(dim=1, keepdim=True).clamp_min(1e-12)
         d = d + step * gu
         if math.isinf(p):
@@ -221,7 +221,6 @@ def multi(model, x0, labels, d0, p, rho=1.25, steps=15, max_extra=1):
         c_df = model((x0 + d0).reshape(shape)).argmax(1)
     est_min = est.min(1).values.clamp_min(1e-12)
     est.scatter_(1, c_df[:, None], math.inf)
-    rel = est / est.min(1, keepdim=True).values.clamp_min(1e-12)
     best = fmn_like(model, x0, labels, d0, p, steps=steps)
     best_n = norms(best, p)
     order = est.argsort(1)
