@@ -151,7 +151,8 @@ def explain_input_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iter
     channels. Models that cast or reshape their input themselves are fine, so nothing is checked
     up front: only when the block raises a RuntimeError is it re-raised as a TypeError (x's dtype
     differs from the model's parameters: what to convert) or a ValueError (torch's message is
-    about shapes: x's shape), the model's own message kept.
+    about shapes: x's shape; or the logits have no gradient: the model detaches them), the
+    model's own message kept.
     """
     try:
         yield
@@ -164,6 +165,12 @@ def explain_input_errors(model: Callable, x: Tensor, *, name: str = "x") -> Iter
                 f"the model failed on {name} of dtype {x.dtype}, and its parameters are {param.dtype}; "
                 f"convert one of them (e.g. {name}.to({param.dtype}) or model.to({x.dtype})). "
                 f"Model error: {err}"
+            ) from err
+        if "does not require grad" in str(err):
+            raise ValueError(
+                "the model's logits do not depend on its input through autograd (does it detach its "
+                "output, run under torch.no_grad(), or compute outside torch?); pyboundary needs their "
+                f"gradients with respect to {name}. Autograd error: {err}"
             ) from err
         if _SHAPE_ERROR.search(str(err)):
             raise ValueError(

@@ -69,9 +69,10 @@ def register(sub) -> None:
 
     show = sub.add_parser("show", help="summary table and plots of a stored scan; export it as CSV/Parquet",
                           description="Print the summary table of a stored scan and write its plots next to "
-                                      "it; --csv / --parquet export every (sample, subspace) pair in long "
-                                      "format (MarginScan.to_pandas).")
-    show.add_argument("run", help="scan folder (or its scan.sqlite)")
+                                      "it (into the run folder; for a store file of another name, NAME.sqlite, "
+                                      "into NAME-plots/); --csv / --parquet export every (sample, subspace) "
+                                      "pair in long format (MarginScan.to_pandas).")
+    show.add_argument("run", help="scan folder (or its scan.sqlite, or any store file)")
     show.add_argument("--no-plot", action="store_true", help="print the table only")
     show.add_argument("--csv", metavar="FILE", default=None,
                       help="write one row per (sample, subspace) pair to FILE (CSV; needs pandas)")
@@ -213,10 +214,17 @@ def cmd_show(args) -> int:
                 frame.to_parquet(f, index=False)
             written.append(f)
     if not args.no_plot:
-        written += scan.plot(store.parent)
+        written += scan.plot(_plot_folder(store))
     if written:
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _plot_folder(store: Path) -> Path:
+    """Where ``show`` writes a store's plots: its run folder, or for a store file of another name
+    (several stores in one folder) a folder of its own, ``<stem>-plots``, so plots of different
+    stores do not overwrite each other."""
+    return store.parent if store.name == STORE_NAME else store.parent / f"{store.stem}-plots"
 
 
 def _require_pyarrow() -> None:

@@ -107,6 +107,8 @@ class DetectionEvaluation(Result):
 
     def format_summary(self) -> str:
         """A few lines summarising the evaluation."""
+        recovery = ("no perturbed input flagged" if math.isnan(self.recovery)
+                    else f"{100 * self.recovery:.1f}% of flagged perturbed inputs")
         return "\n".join([
             f"calibration: {self.n_calibration} clean inputs, threshold {self.threshold:.4g} "
             f"(target FPR {self.params['fpr_target']:.3g})",
@@ -114,8 +116,7 @@ class DetectionEvaluation(Result):
             f"(overshoot {self.params['overshoot']}, median L2 margin {self.margin_median:.4g})",
             f"detection accuracy {100 * self.accuracy:.1f}%  (TPR {100 * self.tpr:.1f}%, FPR {100 * self.fpr:.1f}%)  "
             f"AUC {self.auc:.4f}",
-            f"label recovery {100 * self.recovery:.1f}% of flagged perturbed inputs "
-            f"({100 * self.recovery_all:.1f}% of all perturbed; runner-up class baseline "
+            f"label recovery {recovery} ({100 * self.recovery_all:.1f}% of all perturbed; runner-up class baseline "
             f"{100 * self.recovery_nearest:.1f}%)",
             f"noise control (clean + random noise of the same norm): AUC vs perturbed {self.noise_auc:.4f}, "
             f"flagged {100 * self.noise_fpr:.1f}%",

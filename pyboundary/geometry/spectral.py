@@ -136,8 +136,10 @@ def band_energy(
     For each perturbation delta_n (N, C, H, W) and member b of ``family`` (a
     :class:`pyboundary.subspaces.Subspace` with orthonormal members, e.g. ``DCTDiagonal``, or its
     spec such as ``'dct:K=8,T=1'``):
-    fraction[n, b] = ||analysis(delta_n, b)||^2 / ||delta_n||^2 in [0, 1]. Members of a partition
-    (``DCTGrid``) sum to 1 per sample; the diagonal family covers part of the spectrum only.
+    fraction[n, b] = ||analysis(delta_n, b)||^2 / ||delta_n||^2 in [0, 1]. The members' fractions
+    sum to 1 per sample only when the family partitions the spectrum: a ``DCTGrid`` with T = K and
+    K dividing H and W (otherwise a strip of high frequencies is uncovered, sum < 1, or tiles
+    overlap for T < K, sum > 1); the diagonal family covers part of the spectrum only.
     Evaluated over (sample, member) pairs, ``batch_size`` pairs at a time (no per-sample loop).
 
     Args:

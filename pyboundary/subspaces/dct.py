@@ -73,7 +73,9 @@ class DCTDiagonal(_DCTBlocks):
     """K x K DCT blocks on the diagonal, origins (iT, iT) for i = 0..n-1, low to high frequency.
 
     n = floor((min(H, W) - K) / T) + 1 (e.g. 28x28, K=8, T=1: 21 members). Each member spans
-    the frequencies [iT, iT+K) x [iT, iT+K) of every channel: dim C*K^2.
+    the frequencies [iT, iT+K) x [iT, iT+K) of every channel: dim C*K^2. On a non-square image
+    the diagonal ends at min(H, W): the highest frequencies of the longer side are in no member
+    (``DCTGrid`` covers the whole spectrum).
 
     Args:
         image_shape: per-sample shape (C, H, W), or (H, W) for C = 1.

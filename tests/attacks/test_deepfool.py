@@ -710,6 +710,9 @@ def test_input_of_the_wrong_shape_is_a_clear_value_error():
     with pytest.raises(ValueError, match=r"inputs of shape \(1, 6, 8\).*shapes cannot be multiplied"):
         deepfool(net, x[:, :, :6])
 
+    with pytest.raises(ValueError, match="logits do not depend on its input through autograd"):
+        deepfool(lambda z: net(z).detach(), x)
+
     def broken(z):
         raise RuntimeError("boom")
 

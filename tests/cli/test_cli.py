@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,6 +57,11 @@ def test_scan_then_show(tmp_path, tiny_model, capsys):
     # resume of a complete scan: nothing recomputed, same results
     assert cli.main(_scan_args(out, tiny_model, "--resume")) == 0
     assert MarginScan.load(out / "scan.sqlite") == scan
+    # a store file of another name gets a plot folder of its own (two stores in one folder)
+    shutil.copy(out / "scan.sqlite", tmp_path / "other.sqlite")
+    assert cli.main(["show", str(tmp_path / "other.sqlite")]) == 0
+    assert (tmp_path / "other-plots" / "margins.png").stat().st_size > 0
+    assert not (tmp_path / "margins.png").exists()
 
 
 def test_linf_scan(tmp_path, tiny_model, capsys):

@@ -440,3 +440,12 @@ def test_a_float64_input_to_a_float32_model_is_a_clear_type_error():
     for call in calls:
         with pytest.raises(TypeError, match=r"x of dtype torch.float64.*parameters are torch.float32"):
             call()
+
+
+def test_a_model_that_detaches_its_logits_is_a_clear_error():
+    model = smooth_mlp(8)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    detached = lambda z: model(z).detach()  # noqa: E731
+    for call in (lambda: C.principal_curvatures(detached, x, k=1), lambda: C.mean_curvature(detached, x, n_dirs=2)):
+        with pytest.raises(ValueError, match="logits do not depend on its input through autograd"):
+            call()

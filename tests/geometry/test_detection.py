@@ -1,5 +1,6 @@
 """Curvature-based detection on a toy classifier whose boundary geometry is known."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -132,6 +133,9 @@ def test_evaluation_with_deepfool_on_toy():
     assert ev.forward_per_input == pytest.approx(1 + 2 + 2 * 6 + 2 * 2)
     assert ev.backward_per_input == pytest.approx(2)  # J gradient rows
     assert ev.profile_clean.shape == (8,) and ev.profile_clean[-1] > 0 > ev.profile_perturbed[0]
+    assert "label recovery 100.0% of flagged perturbed inputs" in ev.format_summary()
+    none_flagged = dataclasses.replace(ev, recovery=float("nan"))
+    assert "label recovery no perturbed input flagged (" in none_flagged.format_summary()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -114,7 +114,7 @@ def _pair_grad(model, rows: Tensor, i: Tensor, j: Tensor, shape, create_graph: b
     ``create_graph`` the gradient keeps its graph, for a second derivative w.r.t. xb).
     """
     xb = rows.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), explain_input_errors(model, xb):
         out = _logits(model, xb.reshape(-1, *shape))
         f = _pair_values(out, i, j)
         (g,) = torch.autograd.grad(f.sum(), xb, create_graph=create_graph)
