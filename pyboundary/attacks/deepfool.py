@@ -343,7 +343,16 @@ def _resolve_space(subspace, subspace_index, x, p):
 def _forward(ctx: _Ctx, xa: Tensor, grad_rows: int = 0) -> Tensor:
     """model(xa), validated, in xa's dtype (see "Dtypes" in the module docstring)."""
     logits = ctx.model(xa)
-    check_logits(logits, xa.shape[0])
+    try:
+        check_logits(logits, xa.shape[0])
+    except ValueError as err:
+        if "non-finite" in str(err) and not bool(torch.isfinite(xa).all()):
+            # x is checked finite on entry: the search's own step overflowed
+            raise FloatingPointError(
+                f"a DeepFool step overflowed in {xa.dtype}: the model's logit differences or their "
+                "gradients are too small (or large) for this precision (e.g. logits scaled by 1e-30); "
+                "rescale the logits or run in float64") from err
+        raise
     if logits.dtype != xa.dtype:
         logits = logits.to(xa.dtype)  # differentiable; the gaps then meet the gradients' dtype
     ctx.n_forward += 1

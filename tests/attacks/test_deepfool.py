@@ -1,5 +1,6 @@
 """The batched DeepFool engine: closed-form margins of affine models, trained nets, errors."""
 
+import copy
 import math
 import weakref
 
@@ -718,6 +719,18 @@ def test_input_of_the_wrong_shape_is_a_clear_value_error():
 
     with pytest.raises(RuntimeError, match="^boom$"):
         deepfool(broken, x)
+
+
+def test_tiny_logits_overflow_the_step_with_a_clear_error_in_float32_only():
+    """Logits scaled by 1e-30: squared gradient norms underflow float32 and the step overflows;
+    the error says so (it used to blame the model for non-finite logits). float64 is exact."""
+    model, x = _affine(D=12, L=4, N=5)
+    single = copy.deepcopy(model).float()
+    with pytest.raises(FloatingPointError, match="DeepFool step overflowed in torch.float32"):
+        deepfool(lambda z: single(z) * 1e-30, x.float())
+    # both within the refinement tolerance (1e-4 relative) of the boundary
+    torch.testing.assert_close(deepfool(lambda z: model(z) * 1e-30, x).margin, deepfool(model, x).margin,
+                               rtol=2e-4, atol=0)
 
 
 def test_model_invariant_inside_a_member_fails_instead_of_a_huge_margin():
