@@ -85,8 +85,8 @@ class DetectionStudy(Result):
             overshoot, seed, n_bootstrap, noise_alphas, batch_size, n_classes_scored = J).
         cost: dict: forward_rows_per_scoring / backward_rows_per_scoring (model rows per scored
             input), cpu_s_per_scoring, scorings_per_input, deepfool_cpu_s_per_input,
-            deepfool_forward_rows / deepfool_backward_rows (the DeepFool call's ``n_forward`` /
-            ``n_backward``), cpu_s_per_input (DeepFool + scorings, CPU seconds), wall_s and
+            deepfool_forward_rows / deepfool_backward_rows (model rows of the DeepFool call, all
+            inputs: the sums of its ``sample_forward`` / ``sample_gradients``), cpu_s_per_input (DeepFool + scorings, CPU seconds), wall_s and
             threads (torch threads).
         names: list of N input names (empty when none were given).
     """
@@ -456,7 +456,8 @@ def detection_study(
         "cpu_s_per_scoring": score_cpu / max(total, 1),
         "scorings_per_input": 1 + A + len(noise_alphas),
         "deepfool_cpu_s_per_input": df_cpu / n,
-        "deepfool_forward_rows": int(_count(adv.n_forward)), "deepfool_backward_rows": int(_count(adv.n_backward)),
+        "deepfool_forward_rows": int(adv.sample_forward.sum()),
+        "deepfool_backward_rows": int(adv.sample_gradients.sum()),
         "cpu_s_per_input": (df_cpu + score_cpu) / n,
         "wall_s": time.perf_counter() - wall0,
         "threads": threads,
@@ -479,12 +480,6 @@ def _auto_rows(x: Tensor) -> int:
     """Model rows per call when the caller gives none: 512 for small inputs, 2^21 / D for large ones
     (13 at 3 x 224 x 224: each row of EfficientNet-Lite0 with its graph held ~80 MB, measured)."""
     return int(max(1, min(512, 2 ** 21 // max(x[0].numel(), 1))))
-
-
-def _count(v) -> float:
-    if isinstance(v, Tensor):
-        return float(v.sum()) if v.numel() else 0.0
-    return float(v or 0)
 
 
 def _n_scored_classes(parts) -> int:

@@ -148,5 +148,11 @@ def test_noise_control_only_where_asked():
     assert np.isnan(st.noise_score[0]).all() and np.isfinite(st.noise_score[1]).all()
     assert math.isnan(st.summary()["alphas"][0]["noise_auc_vs_perturbed"])
     assert st.cost["scorings_per_input"] == 4
+    # DeepFool's cost in model rows, as its own per-sample counts give them
+    from pyboundary import deepfool
+
+    adv = deepfool(model, x, overshoot=st.params["overshoot"], refine=False)  # the study's call
+    assert st.cost["deepfool_forward_rows"] == int(adv.sample_forward.sum()) >= x.shape[0]
+    assert st.cost["deepfool_backward_rows"] == int(adv.sample_gradients.sum()) >= x.shape[0]
     with pytest.raises(ValueError, match="noise_alphas"):
         detection_study(model, x, alphas=(1.0,), noise_alphas=(3.0,), clamp=None, progress=False)

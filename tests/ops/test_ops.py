@@ -2,7 +2,7 @@
 
 Ground truths: scipy.fft.dctn/idctn (type 2, norm='ortho'), dense float64 DCT bases built from
 the definition, float64 hand computations of the DeepFool choice. The compiled kernels are also
-compared with the twins of pyboundary.reference; those comparisons require the compiled library
+compared with the twins of pyboundary.ops.reference; those comparisons require the compiled library
 (they fail when it did not load, unless PYBOUNDARY_FORCE_REFERENCE deliberately disabled it).
 
 Devices: device-parametrised tests run on "cpu", on "cuda_emu" (the real CUDA kernels executed

@@ -1,4 +1,4 @@
-"""Tests of pyboundary.data: IDX reader, offline sources, limits, folders, missing sources."""
+"""Tests of pyboundary.zoo.data: IDX reader, offline sources, limits, folders, missing sources."""
 
 import gzip
 import importlib.util

@@ -1,4 +1,4 @@
-"""Tests of pyboundary.models: architectures, training, the weight cache, loaders."""
+"""Tests of pyboundary.zoo: architectures, training, the weight cache, loaders."""
 
 import importlib.util
 import os
