@@ -189,7 +189,7 @@ def cmd_topology(args) -> int:
     report: dict = {"model": args.model, "data": args.data, "split": args.split, "n": int(x.shape[0])}
     for scenario in scenarios:
         res = topology.path_connectivity(model, x, scenario=scenario, n_pairs=args.pairs, seed=args.seed,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, progress=not args.no_progress)
         report[f"paths/{scenario}"] = res.summary()
         print(f"paths ({scenario}): {res.n_valid}/{res.n_pairs} valid (rate {res.rate:.3f}), "
               f"{res.n_skipped} pairs skipped, median length/straight {res.summary()['median_ratio']:.3f}")
@@ -210,7 +210,7 @@ def cmd_topology(args) -> int:
                 f"k={k}: {p:.3f}" for k, p in zip(conv.ks, conv.probability.tolist())))
     if args.directions:
         rd = topology.random_direction_robustness(model, x, n_directions=args.directions, seed=args.seed,
-                                                  batch_size=args.batch_size)
+                                                  batch_size=args.batch_size, progress=not args.no_progress)
         s = rd.summary()
         report["random_directions"] = s
         print(f"random directions: median distance / margin {s['median']:.4g} "

@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+def _bar(items, progress: bool, desc: str, unit: str, total: int | None = None):
+    """A tqdm bar over ``items`` (or a manual one of ``total`` steps when items is None); hidden
+    unless ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=not progress, leave=False)
+
+
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
@@ -396,6 +404,7 @@ def path_connectivity(
     n_pairs: int = 20,
     seed: int = 0,
     radius: float | None = None,
+    progress: bool = False,
     **path_kwargs,
 ) -> PathConnectivity:
     """Rate of valid paths for the three scenarios of Fawzi et al. (2018).
@@ -414,6 +423,8 @@ def path_connectivity(
         seed: seed of the pair draws and of the random-sphere points (default 0; CPU generator).
         radius: L2 radius of the random-sphere points, in input units (scenario
             'random-sphere' only; None: the median L2 norm of the inputs).
+        progress: a tqdm bar over the path searches (one per pair; each can take minutes on
+            ImageNet-sized inputs).
         **path_kwargs: keyword arguments of :func:`find_path` (``max_depth``, ``n_check``,
             ``batch_size``, ``deepfool_kwargs``, ``push_depth``); ``deepfool_kwargs`` also sets
             the targeted DeepFool that moves x2 into x1's class.
@@ -455,9 +466,8 @@ def path_connectivity(
                 x2, conv = _push_targets(model, start, pred[first[keep]].to(x.device), dkw, counter)
             pushed = (conv & (predict(model, x2, counter=counter) == pred[first[keep]].to(x.device))).cpu()
     results = []
-    for j in range(len(keep)):
-        if not bool(pushed[j]):
-            continue
+    todo = [j for j in range(len(keep)) if bool(pushed[j])]
+    for j in _bar(todo, progress, f"paths ({scenario})", "pair"):
         results.append(find_path(model, x1[j], x2[j], **path_kwargs))
     return PathConnectivity(scenario=scenario, results=results, n_skipped=n_pairs - len(results))
 
@@ -616,6 +626,7 @@ def random_direction_robustness(
     n_bisect: int = 24,
     batch_size: int | None = None,
     deepfool_kwargs: dict | None = None,
+    progress: bool = False,
 ) -> RandomDirectionResult:
     """Line search to the boundary along random unit directions, both ways, against the margin.
 
@@ -642,6 +653,8 @@ def random_direction_robustness(
             memory budget, at most 256); the 2 T rays of an input are searched together.
         deepfool_kwargs: options of the DeepFool call that computes ``margin`` when it is None
             (``p`` is fixed to 2); unused when ``margin`` is given.
+        progress: a tqdm bar over the inputs whose rays are searched (2 T (n_grid + n_bisect)
+            model rows per input at most).
     Returns:
         :class:`RandomDirectionResult`.
     """
@@ -668,10 +681,13 @@ def random_direction_robustness(
         label = predict(model, x, batch_size=batch_size)
         # samples per chunk: their 2 T rays are ~batch_size rows (never (N, 2 T, D) at once: 15 GB
         # for 200 ImageNet inputs)
-        dist = torch.cat([
-            _both_ways(model, x[sl], label[sl], r[sl], n_directions, gen, n_grid, n_bisect, batch_size)
-            for sl in chunks(n, max(1, batch_size // (2 * n_directions)))
-        ])
+        parts = []
+        with _bar(None, progress, "random directions", "input", total=n) as bar:
+            for sl in chunks(n, max(1, batch_size // (2 * n_directions))):
+                parts.append(_both_ways(model, x[sl], label[sl], r[sl], n_directions, gen, n_grid, n_bisect,
+                                        batch_size))
+                bar.update(sl.stop - sl.start)
+        dist = torch.cat(parts)
     distance = dist.min(1).values
     ratio = distance / margin.unsqueeze(1)
     return RandomDirectionResult(distance, margin, ratio, math.sqrt(d))

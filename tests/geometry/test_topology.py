@@ -222,3 +222,16 @@ def test_path_connectivity_when_no_pair_can_be_formed():
     alone = topo.path_connectivity(model, one_each[:1], scenario="adversarial", n_pairs=3)
     assert alone.summary()["n_skipped"] == 3
     assert topo.path_connectivity(model, one_each, scenario="adversarial", n_pairs=3).summary()["n_pairs"] == 3
+
+
+def test_progress_bars_show_the_long_searches_and_change_no_number(capsys):
+    model = _linear(d=4, classes=3)
+    x = torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    quiet = topo.path_connectivity(model, x, scenario="same-label", n_pairs=3, max_depth=2)
+    capsys.readouterr()
+    shown = topo.path_connectivity(model, x, scenario="same-label", n_pairs=3, max_depth=2, progress=True)
+    assert "paths (same-label)" in capsys.readouterr().err
+    assert shown.summary() == quiet.summary()
+    rd = topo.random_direction_robustness(model, x[:5], n_directions=2, progress=True)
+    assert "random directions" in capsys.readouterr().err
+    torch.testing.assert_close(rd.distance, topo.random_direction_robustness(model, x[:5], n_directions=2).distance)
