@@ -87,11 +87,13 @@ def _prepare_out(out: str, resume: bool, check_existing: bool = True) -> Path:
     Under torchrun only rank 0 checks (the others could otherwise see the store rank 0 has just
     created); rank 0 refuses again when it creates the store.
     """
+    from ..scans.store import is_empty_store
+
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out!r} exists and is not a folder")
     store = out_dir / STORE_NAME
-    if check_existing and store.exists() and not resume:
+    if check_existing and store.exists() and not resume and not is_empty_store(store):
         raise UsageError(f"{str(store)!r} already holds a scan; pass --resume to continue it, "
                          "or choose another --out (results are never overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +194,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from ..scans import distributed
     from ..scans.margins import MarginScan, store_path
 
     exports = [(flag, Path(f)) for flag, f in (("--csv", args.csv), ("--parquet", args.parquet)) if f]
@@ -201,7 +204,12 @@ def cmd_show(args) -> int:
     if args.parquet:
         _require_pyarrow()
     store = store_path(args.run)
-    scan = MarginScan.load(store)  # read-only, from one snapshot: works while a scan is writing
+    if distributed.leftover_parts(store):  # a multi-process scan running, or interrupted
+        scan, from_parts = distributed.load_with_parts(store)
+        print(f"({from_parts} pairs are in the part stores of a multi-process scan that is running or was "
+              "interrupted; shown here, merged into the store when it ends or is resumed)")
+    else:
+        scan = MarginScan.load(store)  # read-only, from one snapshot: works while a scan is writing
     print(scan.format_summary())
     written = []
     if exports:

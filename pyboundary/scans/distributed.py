@@ -20,11 +20,12 @@ rank are gathered and raised on every rank, so no rank waits forever on a failed
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from .margins import _channels_last_copy, _stored_grid, margin_scan, plan_scan_batches, prepare_scan, scan_from_store
-from .store import ResultStore, remove_store
+from .store import ResultStore, remove_store, writer_lock
 
 __all__ = ["world_from_env", "part_path", "leftover_parts", "merge_parts", "distributed_scan", "DistributedScanError"]
 
@@ -53,19 +54,44 @@ def part_path(final, rank: int, world: int) -> Path:
 def leftover_parts(final) -> list:
     """Part stores of an interrupted multi-process scan next to ``final`` (any world size)."""
     final = Path(final)
-    return sorted(p for p in final.parent.glob(f"{final.name}.part*-of-*") if not p.name.endswith(("-wal", "-shm")))
+    return sorted(p for p in final.parent.glob(f"{final.name}.part*-of-*")
+                  if not p.name.endswith(("-wal", "-shm", "-journal", ".lock")))
 
 
 def merge_parts(final) -> int:
     """Merge every leftover part store into ``final`` (created from the parts' metadata if absent),
     removing each part once merged. A part made with other settings is refused (StoreError).
-    Returns the number of pairs added."""
+    Returns the number of pairs added. A part whose rank is still writing it (a multi-process
+    scan still running) is refused (:class:`~pyboundary.scans.store.StoreLockedError`) before
+    anything is merged."""
     added = 0
-    for part in leftover_parts(final):
-        with ResultStore(final, mode="resume", meta=_meta_of(part)) as st:
-            added += st.merge_from(part)
-        remove_store(part)
+    parts = leftover_parts(final)
+    with contextlib.ExitStack() as held:
+        for part in parts:
+            held.enter_context(writer_lock(part))
+        for part in parts:
+            with ResultStore(final, mode="resume", meta=_meta_of(part)) as st:
+                added += st.merge_from(part)
+            remove_store(part)
     return added
+
+
+def load_with_parts(final):
+    """The scan in ``final`` together with the pairs in the part stores of a multi-process scan
+    that is still running or was interrupted (they reach ``final`` only when the ranks finish or
+    a resume merges them). Nothing is changed: the stores are read into a temporary copy.
+    Returns (:class:`~pyboundary.scans.margins.MarginScan`, pairs found only in the parts)."""
+    import tempfile
+
+    final = Path(final)
+    parts = leftover_parts(final)
+    sources = ([final] if final.exists() else []) + parts
+    with tempfile.TemporaryDirectory(prefix="pyboundary-show-") as tmp:
+        with ResultStore(Path(tmp) / "scan.sqlite", mode="create", meta=_meta_of(sources[0])) as st:
+            in_final = st.merge_from(final) if final.exists() else 0
+            for part in parts:
+                st.merge_from(part)
+            return scan_from_store(st), st.count_pairs() - in_final
 
 
 def _init_group(device: str, init_method: str | None, rank: int | None, world: int | None):

@@ -44,7 +44,7 @@ from ..zoo.cache import weights_hash
 from ..zoo.data import subset_indices
 from .feeding import BatchFeeder, ScanProgress, to_device
 from .plots import plot_scan
-from .store import ResultStore, StoreError
+from .store import ResultStore, StoreError, is_empty_store
 
 __all__ = ["margin_scan", "MarginScan", "prepare_scan", "plan_scan_batches", "scan_from_store", "scan_metadata",
            "sample_keys", "store_path", "RUN_STORE_NAME", "PANDAS_COLUMNS"]
@@ -671,7 +671,7 @@ def _stored_grid(store, resume: bool) -> int | None:
         return None
     if isinstance(store, ResultStore):
         meta = store.meta
-    elif Path(store).exists():
+    elif Path(store).exists() and not is_empty_store(store):  # (empty: killed while being created)
         with ResultStore(store, mode="read") as st:
             meta = st.meta
     else:

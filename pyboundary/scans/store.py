@@ -21,15 +21,21 @@ SIGKILL) a batch is either entirely present or entirely absent. The journal is S
 
 Opening rules (never overwrite silently):
 
-* ``mode='create'`` refuses an existing file;
+* ``mode='create'`` refuses an existing file (an empty one, left by a run killed while it
+  created the store, holds nothing and is taken over);
 * ``mode='resume'`` creates the file if absent, else checks the stored metadata against the given
   one and refuses, naming the differing keys, when they differ;
+* one writer at a time: a store opened for writing holds an exclusive lock on ``<file>.lock``
+  (``flock``, released when the store is closed or the process dies), and a second writer is
+  refused at once (:class:`StoreLockedError`) instead of failing later on a pair the first one
+  wrote;
 * ``mode='read'`` opens an existing store read-only (an SQLite ``mode=ro`` connection: nothing
   can be written). It never blocks a scan that is writing the same store, nor waits for it: in
   WAL mode readers and the writer do not lock each other out, and :meth:`ResultStore.snapshot`
   gives a set of reads one consistent view (``pyboundary show`` on a running scan).
 
-A file that is not SQLite, or SQLite without this schema, gives a ValueError saying so.
+A file that is not SQLite, or SQLite without this schema, or a file cut short (its size not a
+whole number of its pages), gives a ValueError saying so.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import re
 import sqlite3
 import urllib.parse
@@ -46,7 +53,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["ResultStore", "StoreError", "SCHEMA_VERSION", "STORE_KIND", "library_versions"]
+__all__ = ["ResultStore", "StoreError", "StoreLockedError", "SCHEMA_VERSION", "STORE_KIND", "library_versions",
+           "writer_lock", "is_empty_store"]
 
 SCHEMA_VERSION = 1
 STORE_KIND = "pyboundary-result-store"
@@ -64,6 +72,90 @@ _RESERVED = {"meta", "samples", "margins", "tables"}
 
 class StoreError(ValueError):
     """A store that cannot be used as asked (corrupt, existing, or made with other settings)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store open for writing."""
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+class _WriterLock:
+    """Exclusive advisory lock (``flock``) on ``<store>.lock``: held by the one process writing the
+    store; the kernel releases it when that process exits or is killed, so a killed scan never
+    leaves a stale lock. A no-op where ``fcntl`` does not exist (Windows)."""
+
+    def __init__(self, path: Path):
+        self.path, self._fd = path, None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            return
+        fd = os.open(str(_lock_path(path)), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"another process is writing {str(path)!r} (its lock {str(_lock_path(path))!r} is held): "
+                "wait for that scan to finish (or stop it), or choose another output") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+@contextmanager
+def writer_lock(path):
+    """Hold a store's writer lock for the block (StoreLockedError when another process holds it),
+    e.g. to merge and remove a part store only when no rank is still writing it."""
+    lock = _WriterLock(Path(path))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _page_size(path: Path) -> int | None:
+    """The page size in an SQLite file's header (None if the file is shorter than a header)."""
+    with open(path, "rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return None
+    size = struct.unpack(">H", head[16:18])[0]
+    return 65536 if size == 1 else size
+
+
+def _check_whole_pages(path: Path) -> None:
+    """A store file cut short inside a page reads back zeros for the missing bytes without any
+    SQLite error: refuse it (an SQLite file is always a whole number of pages)."""
+    size = path.stat().st_size
+    page = _page_size(path) if size else None
+    if page and size % page:
+        raise StoreError(f"{str(path)!r} is truncated ({size} bytes, not a whole number of its {page}-byte "
+                         "pages): a copy was cut short; restore the whole file")
+
+
+def is_empty_store(path) -> bool:
+    """True when ``path`` is a file that holds no store yet: zero bytes, or an SQLite database
+    without tables (a run killed while it created the store leaves one)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.stat().st_size == 0:
+        return True
+    try:
+        conn = ResultStore._connect(path, writable=False)
+    except StoreError:  # not SQLite at all: something else, not an empty store
+        return False
+    try:
+        return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    finally:
+        conn.close()
 
 
 def library_versions() -> dict:
@@ -121,7 +213,7 @@ class ResultStore:
         exists = self.path.exists()
         if mode == "read" and not exists:
             raise FileNotFoundError(f"no result store at {str(self.path)!r}")
-        if mode == "create" and exists:
+        if mode == "create" and exists and not is_empty_store(self.path):
             raise StoreError(
                 f"a file already exists at {str(self.path)!r}; refusing to overwrite it. "
                 "Resume it (resume=True / --resume) or choose another output."
@@ -130,7 +222,14 @@ class ResultStore:
             raise ValueError(f"meta is required to open a store with mode={mode!r}")
         if exists and self.path.is_dir():
             raise StoreError(f"{str(self.path)!r} is a directory, not a result store file")
-        self._conn = self._connect(self.path, writable=mode != "read")
+        if exists:
+            _check_whole_pages(self.path)
+        self._lock = _WriterLock(self.path) if mode != "read" else None
+        try:
+            self._conn = self._connect(self.path, writable=mode != "read")
+        except BaseException:
+            self._release_lock()
+            raise
         if exists and self._has_schema():
             self._check_schema()
             if mode == "resume":
@@ -258,8 +357,15 @@ class ResultStore:
         self._conn.execute("BEGIN")
         try:
             yield self
-        finally:
-            self._conn.execute("COMMIT")
+        except BaseException:
+            # keep the error being raised (e.g. a StoreError naming a corrupt file): ending the
+            # read transaction of a damaged file can fail too
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self._conn.execute("COMMIT")
 
     def _require_open(self) -> None:
         if self._conn is None:
@@ -270,10 +376,16 @@ class ResultStore:
             raise StoreError(f"the store {str(self.path)!r} was opened read-only (mode='read')")
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection and release the writer lock (idempotent)."""
         if getattr(self, "_conn", None) is not None:
             self._conn.close()
             self._conn = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self):
         return self
@@ -523,8 +635,9 @@ def _nan_to_inf(v):
 
 
 def remove_store(path) -> None:
-    """Delete a store file and its WAL/SHM companions (merged per-rank parts, a refused run's store)."""
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    """Delete a store file and its WAL/SHM/lock companions (merged per-rank parts, a refused run's
+    store)."""
+    for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
         try:
             os.remove(str(path) + suffix)
         except FileNotFoundError:

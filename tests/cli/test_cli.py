@@ -274,3 +274,14 @@ def test_the_scan_command_runs_under_the_chosen_allocator(tmp_path, tiny_model, 
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"malloc: {choice})" in done.stdout
+
+
+def test_scan_over_an_empty_store_left_by_a_killed_creation(tmp_path, tiny_model):
+    """A run killed while it created scan.sqlite leaves an empty file: it holds no results, so a
+    new scan (with or without --resume) takes it over instead of refusing."""
+    for resume in ([], ["--resume"]):
+        out = tmp_path / f"run{len(resume)}"
+        out.mkdir()
+        (out / "scan.sqlite").write_bytes(b"")
+        assert cli.main(_scan_args(out, tiny_model, *resume)) == 0
+        assert MarginScan.load(out / "scan.sqlite").complete

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) gives the same scan as one process."""
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,34 @@ def test_rank_engine_calls_are_checked_like_rank_0_planned(tmp_path, monkeypatch
         assert plan.source == "auto" and calls.budget == plan.budget and calls.fixed == float(plan.fixed or 0.0)
     else:
         assert plan.source == "explicit" and calls.budget is None
+
+
+def test_show_includes_the_parts_of_a_running_multi_process_scan(tmp_path, tiny, capsys):
+    """While torchrun ranks write their part stores, the final store holds no pair yet: show
+    reads the parts too (read-only) and says so; a resume refuses to merge a part whose rank is
+    still writing it."""
+    from pyboundary.scans.store import writer_lock
+
+    out = tmp_path / "run"
+    assert cli.main(_args(out)) == 0
+    final = out / "scan.sqlite"
+    ref = MarginScan.load(final)
+    final.rename(out / "reference.sqlite")
+    ResultStore(final, mode="create", meta=ref.meta).close()  # rank 0 creates it before the ranks compute
+    for rank in (0, 1):  # each rank's part: the samples and every other sample's pairs
+        part = part_path(final, rank, 2)
+        with ResultStore(part, mode="create", meta=ref.meta) as st:
+            st.merge_from(out / "reference.sqlite")
+        con = sqlite3.connect(part)
+        con.execute("DELETE FROM margins WHERE sample % 2 != ?", (rank,))
+        con.commit()
+        con.close()
+    capsys.readouterr()
+    assert cli.main(["show", str(out), "--no-plot"]) == 0
+    text = capsys.readouterr().out
+    assert f"({ref.margins.numel()} pairs are in the part stores" in text and ref.format_summary() in text
+    assert MarginScan.load(final).margins.isnan().all()  # nothing was merged or changed
+    with writer_lock(part_path(final, 1, 2)):  # rank 1 still running
+        assert cli.main(_args(out) + ["--resume"]) == 2
+        assert "another process is writing" in capsys.readouterr().err
+    assert len(list(out.glob("scan.sqlite.part*-of-2"))) == 2  # nothing merged or removed

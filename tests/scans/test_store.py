@@ -155,3 +155,79 @@ def test_bad_mode(tmp_path):
         ResultStore(tmp_path / "x", mode="write", meta=META)
     with pytest.raises(ValueError, match="meta is required"):
         ResultStore(tmp_path / "x", mode="create")
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """A second writer is refused at once (not later on a duplicate pair); readers are not; the
+    lock goes with the writer (closed, or its process killed)."""
+    import subprocess
+    import sys
+
+    from pyboundary.scans.store import StoreLockedError, writer_lock
+
+    path = tmp_path / "s.sqlite"
+    first = ResultStore(path, mode="create", meta=META)
+    with pytest.raises(StoreLockedError, match="another process is writing"):
+        ResultStore(path, mode="resume", meta=META)
+    with pytest.raises(StoreLockedError):
+        with writer_lock(path):
+            pass
+    with ResultStore(path, mode="read") as reader:
+        assert reader.count_pairs() == 0
+    first.close()
+    ResultStore(path, mode="resume", meta=META).close()
+    # a writer killed while holding the store leaves no stale lock
+    code = ("import sys, os, time; from pyboundary.scans.store import ResultStore; "
+            f"st = ResultStore({str(path)!r}, mode='resume', meta={META!r}); print('held', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError):
+            ResultStore(path, mode="resume", meta=META)
+    finally:
+        proc.kill()
+        proc.wait()
+    ResultStore(path, mode="resume", meta=META).close()
+
+
+def test_an_empty_store_left_by_a_killed_creation_is_taken_over(tmp_path):
+    from pyboundary.scans.store import is_empty_store
+
+    for content in (b"", None):
+        path = tmp_path / f"e{content is None}.sqlite"
+        if content is None:  # an SQLite file of pages but no tables (killed before the schema committed)
+            con = sqlite3.connect(path)
+            con.execute("CREATE TABLE t (a)")
+            con.execute("DROP TABLE t")
+            con.commit()
+            con.close()
+            assert path.stat().st_size > 0
+        else:
+            path.write_bytes(content)
+        assert is_empty_store(path)
+        with pytest.raises(StoreError, match="is empty"):
+            ResultStore(path, mode="read")
+        with ResultStore(path, mode="create", meta=META) as st:
+            st.write_pairs(**_pairs([0], [0, 1]))
+        assert not is_empty_store(path)
+        with pytest.raises(StoreError, match="refusing to overwrite"):
+            ResultStore(path, mode="create", meta=META)
+    assert not is_empty_store(tmp_path / "missing.sqlite")
+
+
+def test_a_store_cut_inside_a_page_is_refused(tmp_path):
+    """SQLite reads the missing bytes of a short last page as zeros without an error: a copy cut
+    short would give zeroed results silently."""
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path, mode="create", meta=META) as st:
+        st.write_pairs(**_pairs(range(50), range(20)))
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = path.read_bytes()
+    for cut in (1, 10, 100):
+        path.write_bytes(data[:-cut])
+        for mode in ("read", "resume"):
+            with pytest.raises(StoreError, match="truncated"):
+                ResultStore(path, mode=mode, meta=META)
