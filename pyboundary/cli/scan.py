@@ -159,7 +159,7 @@ def cmd_scan(args) -> int:
     scan = _run_scan(model, ds, args.subspaces, args, model_name=args.model)
     if scan is not None:
         pairs = scan.n_samples * scan.n_subspaces
-        print(f"scanned {pairs} pairs in {time.perf_counter() - t0:.1f} s ({_peak_memory()}, "
+        print(f"{pairs} pairs stored; this run took {time.perf_counter() - t0:.1f} s ({_peak_memory()}, "
               f"malloc: {allocator_in_use()})")
         _report(scan, Path(args.out))
     return 0

@@ -166,7 +166,8 @@ def distributed_scan(model, data, subspaces, *, store, resume: bool = False, dev
                 meta, plan = _planned_meta(model, data, subspaces, final, resume, dev, scan_kwargs)
                 check = {"budget": plan.budget, "fixed": plan.fixed} if plan.source == "auto" else None
                 planned[0] = (meta["batch_size"], plan.batch_size, check)
-                ResultStore(final, mode="resume" if resume else "create", meta=meta).close()
+                with ResultStore(final, mode="resume" if resume else "create", meta=meta) as st:
+                    st.record_meta({"batching": meta["batching"]})  # this run's batching
                 if resume:  # parts of an earlier run, possibly with another number of processes
                     merge_parts(final)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below

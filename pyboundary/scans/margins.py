@@ -818,6 +818,8 @@ def margin_scan(
     meta["batching"] = plan.summary()
     st, opened = _open_store(store, resume, meta)
     try:
+        if st is not None and resume:  # the store describes the batching of its latest run
+            st.record_meta({"batching": meta["batching"]})
         batches = _batch_grid(len(src), family.n_members, grid, shard)
         total = sum(int(b.shape[0]) for b in batches)
         if st is not None:

@@ -190,7 +190,10 @@ def _difference(key: str, stored, given) -> str:
     """'key: stored A, now B'; for two mappings, only their entries that differ ('key.sub: ...')."""
     if isinstance(stored, Mapping) and isinstance(given, Mapping):
         subs = sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
-        return "; ".join(f"{key}.{k}: stored {stored.get(k)!r}, now {given.get(k)!r}" for k in subs)
+        text = "; ".join(f"{key}.{k}: stored {stored.get(k)!r}, now {given.get(k)!r}" for k in subs)
+        if key == "data" and "identity" in subs:  # a hash: say what it covers
+            text += " (other samples: another dataset, split, --limit/limit or --seed/seed)"
+        return text
     return f"{key}: stored {stored!r}, now {given!r}"
 
 
@@ -409,6 +412,17 @@ class ResultStore:
     def meta(self) -> dict:
         """The stored metadata (key -> decoded JSON value)."""
         return {k: json.loads(v) for k, v in self._fetch("SELECT key, value FROM meta")}
+
+    def record_meta(self, values: Mapping) -> None:
+        """Overwrite metadata entries that record rather than define the results (keys in
+        ``VOLATILE_KEYS``, e.g. how the latest run was batched); other keys are refused."""
+        self._require_writable()
+        bad = sorted(set(values) - VOLATILE_KEYS)
+        if bad:
+            raise StoreError(f"only recording keys {sorted(VOLATILE_KEYS)} can be rewritten, got {bad}")
+        with self._transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                          [(k, json.dumps(_canonical(v), sort_keys=True)) for k, v in values.items()])
 
     # ------------------------------------------------------------------ margin scans
     def write_samples(self, sample, label, prediction) -> None:

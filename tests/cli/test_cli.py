@@ -57,6 +57,10 @@ def test_scan_then_show(tmp_path, tiny_model, capsys):
     # resume of a complete scan: nothing recomputed, same results
     assert cli.main(_scan_args(out, tiny_model, "--resume")) == 0
     assert MarginScan.load(out / "scan.sqlite") == scan
+    # the summary describes the latest run's batching (the grid stays the stored one)
+    capsys.readouterr()
+    assert cli.main(_scan_args(out, tiny_model, "--resume", "--batch-size", "4")) == 0
+    assert "batches of 16 pairs (engine calls of 4), explicit" in capsys.readouterr().out
     # a store file of another name gets a plot folder of its own (two stores in one folder)
     shutil.copy(out / "scan.sqlite", tmp_path / "other.sqlite")
     assert cli.main(["show", str(tmp_path / "other.sqlite")]) == 0

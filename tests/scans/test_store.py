@@ -231,3 +231,17 @@ def test_a_store_cut_inside_a_page_is_refused(tmp_path):
         for mode in ("read", "resume"):
             with pytest.raises(StoreError, match="truncated"):
                 ResultStore(path, mode=mode, meta=META)
+
+
+def test_record_meta_rewrites_recording_keys_only(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path, mode="create", meta={**META, "batching": {"batch_size": 28}}) as st:
+        st.record_meta({"batching": {"batch_size": 7}})
+        assert st.meta["batching"] == {"batch_size": 7}
+        with pytest.raises(StoreError, match="only recording keys"):
+            st.record_meta({"seed": 3})
+    with ResultStore(path, mode="resume", meta=META) as st:  # a recording key never blocks a resume
+        assert st.meta["seed"] == 0
+    with ResultStore(path, mode="read") as st:
+        with pytest.raises(StoreError, match="read-only"):
+            st.record_meta({"batching": {}})
