@@ -96,11 +96,14 @@ class _WriterLock:
         fd = os.open(str(_lock_path(path)), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             os.close(fd)
             raise StoreLockedError(
                 f"another process is writing {str(path)!r} (its lock {str(_lock_path(path))!r} is held): "
                 "wait for that scan to finish (or stop it), or choose another output") from None
+        except OSError:  # a file system without flock (some network mounts): write unlocked
+            os.close(fd)
+            return
         self._fd = fd
 
     def release(self) -> None:
