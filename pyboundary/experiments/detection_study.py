@@ -86,8 +86,8 @@ class DetectionStudy(Result):
         cost: dict: forward_rows_per_scoring / backward_rows_per_scoring (model rows per scored
             input), cpu_s_per_scoring, scorings_per_input, deepfool_cpu_s_per_input,
             deepfool_forward_rows / deepfool_backward_rows (model rows of the DeepFool call, all
-            inputs: the sums of its ``sample_forward`` / ``sample_gradients``), cpu_s_per_input (DeepFool + scorings, CPU seconds), wall_s and
-            threads (torch threads).
+            inputs: the sums of its ``sample_forward`` / ``sample_gradients``), cpu_s_per_input
+            (DeepFool + scorings, CPU seconds), wall_s and threads (torch threads).
         names: list of N input names (empty when none were given).
     """
 
