@@ -99,8 +99,9 @@ class _WriterLock:
         except BlockingIOError:  # held by another process
             os.close(fd)
             raise StoreLockedError(
-                f"another process is writing {str(path)!r} (its lock {str(_lock_path(path))!r} is held): "
-                "wait for that scan to finish (or stop it), or choose another output") from None
+                f"another process is writing {str(path)!r} (its lock {str(_lock_path(path))!r} is held; or "
+                "this process holds it open for writing in another ResultStore): wait for that scan to "
+                "finish (or stop it, or close that store), or choose another output") from None
         except OSError:  # a file system without flock (some network mounts): write unlocked
             os.close(fd)
             return
