@@ -1104,7 +1104,8 @@ def deepfool(
             deviation ``noise_scale`` x RMS(x) (projected on the subspace).
         seed: seed of the retry noise.
         target: optional (N,) int64 target classes: the smallest perturbation making the model
-            predict them (targeted DeepFool); ValueError if a target is the current class.
+            predict them (targeted DeepFool); ValueError if a target is the current class, or
+            when ``labels`` are given too (they define the untargeted search).
         grad_strategy: 'loop' (one reverse pass per candidate over the retained graph),
             'batched' (one vmapped reverse pass) or 'auto' (:data:`DEFAULT_GRAD_STRATEGY` per device).
         prune: skip the gradients of candidates that cannot win (True), compute all (False), or
@@ -1147,6 +1148,11 @@ def deepfool(
     n = x.shape[0]
     labels = check_index_tensor("labels", labels, n, x.device)
     target = check_index_tensor("target", target, n, x.device)
+    if labels is not None and target is not None:
+        # the two define different searches; together an input misclassified w.r.t. labels
+        # would report margin 0 although its distance to the target's region is not 0
+        raise ValueError("give labels (untargeted: the margin of the labelled class, 0 for misclassified "
+                         "inputs) or target (the distance to the target class's region), not both")
     candidates = check_int("candidates", candidates, minimum=2, allow_none=True)
     n_cand = sys.maxsize if candidates is None else candidates  # the engine takes min(n_cand, L)
     max_iter = check_int("max_iter", max_iter, minimum=1)

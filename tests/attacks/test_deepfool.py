@@ -560,6 +560,8 @@ def test_narrow_integer_labels_and_indices(mlp, digits):
                                deepfool(mlp, x, target=target).margin, rtol=0, atol=0)
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         deepfool(mlp, x, labels=y.bool())
+    with pytest.raises(ValueError, match="give labels .* or target .*, not both"):
+        deepfool(mlp, x, labels=y, target=target)
 
 
 def test_bad_inputs(mlp, digits):
