@@ -346,8 +346,9 @@ def _forward(ctx: _Ctx, xa: Tensor, grad_rows: int = 0) -> Tensor:
     try:
         check_logits(logits, xa.shape[0])
     except ValueError as err:
-        if "non-finite" in str(err) and not bool(torch.isfinite(xa).all()):
-            # x is checked finite on entry: the search's own step overflowed
+        if not bool(torch.isfinite(xa).all()):
+            # x is checked finite on entry: the search's own step overflowed (and the model's
+            # output at a non-finite point is no fault of the model)
             raise FloatingPointError(
                 f"a DeepFool step overflowed in {xa.dtype}: the model's logit differences or their "
                 "gradients are too small (or large) for this precision (e.g. logits scaled by 1e-30); "

@@ -121,7 +121,6 @@ def pgd(
         return x.clone()
     alpha = step_size if step_size is not None else 2.5 * eps / steps
     gen = make_generator(seed, x.device)
-    labels = labels.to(x.device)
     delta = _random_start(x, eps, p, gen) if random_start else torch.zeros_like(x)
     if clamp is not None:
         delta = (x + delta).clamp(*clamp) - x
